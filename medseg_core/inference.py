@@ -42,6 +42,7 @@ def predict_probabilities(
     mode: str = "gaussian",
     tta: bool = False,
     amp: bool = False,
+    model_spatial_dims: int | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities of a whole volume by sliding-window inference.
 
@@ -51,6 +52,8 @@ def predict_probabilities(
         roi_size: window size (the training patch size).
         tta: average over the identity and every mirror flip (nnU-Net's mirroring).
         amp: run the network under the device's autocast (see :func:`medseg_core.runtime.autocast`).
+        model_spatial_dims: 2 for a 2D network applied slice by slice to a 3D volume (axial slices, the
+            last axis, as in training); default: the image's dimensionality.
 
     Returns:
         ``[B, C_out, *spatial]`` float32 probabilities on the image's device.
@@ -59,12 +62,21 @@ def predict_probabilities(
         ValueError: ``roi_size`` does not match the image's spatial dimensionality.
     """
     spatial_dims = image.ndim - 2
-    if len(roi_size) != spatial_dims:
-        raise ValueError(f"roi_size {tuple(roi_size)} does not match a {spatial_dims}D image {tuple(image.shape)}")
+    model_dims = model_spatial_dims or spatial_dims
+    slice_wise = model_dims == 2 and spatial_dims == 3
+    if len(roi_size) != model_dims or not (model_dims == spatial_dims or slice_wise):
+        raise ValueError(
+            f"roi_size {tuple(roi_size)} of a {model_dims}D model does not fit a {spatial_dims}D image "
+            f"{tuple(image.shape)}"
+        )
+    if slice_wise:  # windows of one axial slice: [B, C, h, w, 1] -> 2D model -> back
+        roi_size = (*roi_size, 1)
     model.eval()
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, amp):
+            if slice_wise:
+                return main_output(model(x[..., 0])).float()[..., None]
             return main_output(model(x)).float()
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,303 @@
+"""MONAI dictionary-transform pipelines built from the federated plan.
+
+Every pipeline starts with the same deterministic part (what :class:`monai.data.CacheDataset` caches)::
+
+    LoadImaged (channels stacked, channel first) -> Orientationd("RAS") -> NormalizeByPland
+      -> Spacingd(plan target spacing; bilinear image, nearest label) -> label as uint8
+      -> SpatialPadd(plan patch size)
+
+Training then samples and augments::
+
+    RandCropByPosNegLabeld(patch size, pos/neg, num_samples)   (RandSpatialCropSamplesd without labels)
+      [2D: a one-slice patch, squeezed]  -> RandFlipd per axis -> RandAffined (rotation + zoom)
+      -> RandScaleIntensityd -> RandShiftIntensityd -> RandGaussianNoised -> float32 image, int64 label
+
+Validation / inference stops after the deterministic part (whole volumes, for sliding-window
+inference) and keeps MONAI's meta-data and applied-operation trace, so ``monai.transforms.Invertd`` can
+map a prediction back to the original voxel grid.
+
+Intensity normalisation is applied on the acquired grid (after reorientation, before resampling), as
+nnU-Net does: the non-zero mask of the ``nonzero`` scheme is then the scanner's, not an interpolated one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensity,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRange,
+    Spacingd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+
+from medseg_core.data.fingerprint import SCHEME_CT, SCHEME_NONZERO, check_plan, scheme_for_modality
+
+IMAGE, LABEL = "image", "label"
+
+#: defaults of ``configs/transforms/default.yaml`` (used when no config is passed)
+DEFAULT_AUGMENTATION: dict[str, dict[str, float]] = {
+    "crop": {"pos": 1.0, "neg": 1.0, "num_samples": 2},
+    "flip": {"prob": 0.5},
+    "affine": {"prob": 0.2, "rotate_deg": 15.0, "scale": 0.1},
+    "intensity": {"scale_prob": 0.15, "scale": 0.1, "shift_prob": 0.15, "shift": 0.1},
+    "noise": {"prob": 0.1, "std": 0.1},
+}
+_PROBABILITIES = {("flip", "prob"), ("affine", "prob"), ("intensity", "scale_prob"),
+                  ("intensity", "shift_prob"), ("noise", "prob")}
+
+
+def augmentation_settings(cfg: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Augmentation settings: :data:`DEFAULT_AUGMENTATION` updated with ``cfg`` (a dict or DictConfig).
+
+    Raises:
+        ValueError: an unknown group or key (typos), a probability outside [0, 1], a negative range, or
+            ``num_samples`` < 1, naming the offending entry and value.
+    """
+    out = {group: dict(values) for group, values in DEFAULT_AUGMENTATION.items()}
+    for group, values in (cfg or {}).items():
+        if group not in out:
+            raise ValueError(f"unknown transforms setting {group!r}; expected one of {sorted(out)}")
+        for key, value in (values or {}).items():
+            if key not in out[group]:
+                raise ValueError(f"unknown transforms setting {group}.{key}; expected one of {sorted(out[group])}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"transforms.{group}.{key} must be a number, got {value!r}")
+            out[group][key] = float(value)
+    for group, key in _PROBABILITIES:
+        if not 0.0 <= out[group][key] <= 1.0:
+            raise ValueError(f"transforms.{group}.{key} is a probability in [0, 1], got {out[group][key]}")
+    for group, key in (("crop", "pos"), ("crop", "neg"), ("affine", "rotate_deg"), ("affine", "scale"),
+                       ("intensity", "scale"), ("intensity", "shift"), ("noise", "std")):
+        if out[group][key] < 0:
+            raise ValueError(f"transforms.{group}.{key} must be >= 0, got {out[group][key]}")
+    if out["crop"]["pos"] + out["crop"]["neg"] <= 0:
+        raise ValueError("transforms.crop.pos and transforms.crop.neg cannot both be 0")
+    n = out["crop"]["num_samples"]
+    if n < 1 or not float(n).is_integer():
+        raise ValueError(f"transforms.crop.num_samples must be an integer >= 1, got {n}")
+    if out["affine"]["scale"] >= 1:
+        raise ValueError(f"transforms.affine.scale must be < 1, got {out['affine']['scale']}")
+    return out
+
+
+def channel_normalization(plan: Mapping[str, Any],
+                          modalities: Mapping[int, str] | Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The normalisation settings to apply to each channel at one site.
+
+    The scheme follows the site's *declared* modality of each channel (see
+    :mod:`medseg_core.data.fingerprint`): CT uses the plan's federation-wide clip range and foreground
+    mean / std; any other modality is z-scored per image over its non-zero voxels, which needs no plan
+    statistics (so a modality the plan has not seen is fine unless it is CT).
+
+    Args:
+        plan: the plan.
+        modalities: the site's ``channel_names`` (``{0: "CT"}``) or a list per channel; ``None`` takes
+            the plan's modality when each channel has exactly one.
+
+    Returns:
+        One dict per channel: ``{"scheme": "ct", "clip": [lo, hi], "mean", "std"}`` or
+        ``{"scheme": "nonzero"}``.
+
+    Raises:
+        ValueError: wrong number of channels, ``modalities=None`` with a channel that has several
+            modalities in the plan, or a CT channel the plan has no CT statistics for.
+    """
+    norm = plan["normalization"]
+    n = int(plan["num_channels"])
+    if modalities is None:
+        names = []
+        for c in range(n):
+            options = list(norm[str(c)])
+            if len(options) != 1:
+                raise ValueError(f"channel {c} has several modalities in the plan ({options}); pass "
+                                 f"modalities= (the site's channel_names) to choose")
+            names.append(options[0])
+    elif isinstance(modalities, Mapping):
+        names = [str(modalities[c]) if c in modalities else str(modalities.get(str(c), "")) for c in range(n)]
+    else:
+        names = [str(m) for m in modalities]
+    if len(names) != n or "" in names:
+        raise ValueError(f"the plan has {n} channel(s), got modalities {modalities!r}")
+    out = []
+    for c, name in enumerate(names):
+        entries = norm[str(c)]
+        by_upper = {k.upper(): v for k, v in entries.items()}
+        entry = entries.get(name) or by_upper.get(name.upper())
+        if scheme_for_modality(name) == SCHEME_CT:
+            if entry is None or entry.get("scheme") != SCHEME_CT:
+                raise ValueError(f"channel {c} is {name} here, but the plan has no CT statistics for channel {c} "
+                                 f"(it was planned from {sorted(entries)} data); re-plan including this site")
+            out.append({"scheme": SCHEME_CT, "clip": [float(v) for v in entry["clip"]],
+                        "mean": float(entry["mean"]), "std": float(entry["std"])})
+        else:
+            out.append({"scheme": SCHEME_NONZERO})
+    return out
+
+
+class NormalizeByPland(MapTransform):
+    """Per-channel intensity normalisation as the plan says (dictionary transform).
+
+    - ``ct``: clip to ``[lo, hi]`` then ``(x - mean) / std``, done exactly by one MONAI
+      ``ScaleIntensityRange(lo, hi, (lo - mean) / std, (hi - mean) / std, clip=True)``.
+    - ``nonzero``: MONAI ``NormalizeIntensity(nonzero=True)`` on that channel (z-score over its non-zero
+      voxels; zeros stay 0).
+
+    Ours because MONAI's dictionary transforms apply one setting to every channel, and a multi-modal
+    case (CT + PET, or CT at one channel and MR at another) needs one scheme per channel.
+
+    Args:
+        keys: image key(s), tensors ``[C, *spatial]``.
+        channels: one dict per channel, from :func:`channel_normalization`.
+
+    Raises:
+        ValueError: at construction for an unknown scheme or ``std <= 0``; at call time for an image
+            whose channel count differs from the plan's (naming the file).
+    """
+
+    def __init__(self, keys: Hashable | Sequence[Hashable], channels: Sequence[Mapping[str, Any]],
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not channels:
+            raise ValueError("channels must list one normalisation per channel, got an empty list")
+        self.ops = []
+        for c, ch in enumerate(channels):
+            scheme = ch.get("scheme")
+            if scheme == SCHEME_CT:
+                lo, hi = (float(v) for v in ch["clip"])
+                mean, std = float(ch["mean"]), float(ch["std"])
+                if not (std > 0 and lo < hi):
+                    raise ValueError(f"channel {c}: CT normalisation needs std > 0 and clip low < high, got {ch}")
+                self.ops.append(ScaleIntensityRange(a_min=lo, a_max=hi, b_min=(lo - mean) / std,
+                                                    b_max=(hi - mean) / std, clip=True))
+            elif scheme == SCHEME_NONZERO:
+                self.ops.append(NormalizeIntensity(nonzero=True))
+            else:
+                raise ValueError(f"channel {c}: unknown normalisation scheme {scheme!r}")
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != len(self.ops):
+                source = getattr(img, "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"{source}: image has {img.shape[0]} channel(s), the plan expects {len(self.ops)}")
+            out = img.clone() if img.is_floating_point() else img.float()  # keeps meta and applied operations
+            for c, op in enumerate(self.ops):
+                out[c] = torch.as_tensor(op(img[c:c + 1]))[0]
+            d[key] = out
+        return d
+
+
+def _label_storage_dtype(plan: Mapping[str, Any]) -> torch.dtype:
+    return torch.uint8 if int(plan["num_classes"]) <= 256 else torch.int32
+
+
+def deterministic_transforms(plan: Mapping[str, Any], *, with_label: bool = True,
+                             modalities: Mapping[int, str] | Sequence[str] | None = None,
+                             spatial_dims: int = 3) -> list:
+    """The cacheable prefix of every pipeline (load, RAS, normalise, resample, pad); see the module doc.
+
+    Labels leave it as ``uint8`` (4x less cache memory than float32). For ``spatial_dims=2`` only the
+    in-plane axes are padded (patches are axial slices).
+    """
+    keys = [IMAGE, LABEL] if with_label else [IMAGE]
+    pad_size = list(plan["patch_size"]) if spatial_dims == 3 else [*plan["patch_size_2d"], -1]
+    steps: list = [
+        LoadImaged(keys=keys, reader="NibabelReader", ensure_channel_first=True, image_only=True),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),  # labels=None: follow the reader's space (RAS)
+        NormalizeByPland(keys=IMAGE, channels=channel_normalization(plan, modalities)),
+        Spacingd(keys=keys, pixdim=list(plan["target_spacing_mm"]),
+                 mode=["bilinear", "nearest"] if with_label else "bilinear"),
+    ]
+    if with_label:
+        steps.append(EnsureTyped(keys=LABEL, dtype=_label_storage_dtype(plan)))
+    steps.append(SpatialPadd(keys=keys, spatial_size=pad_size, mode="constant"))
+    return steps
+
+
+def random_transforms(plan: Mapping[str, Any], cfg: Mapping[str, Any] | None = None, *, with_label: bool = True,
+                      spatial_dims: int = 3) -> list:
+    """Patch sampling and augmentation applied after the cached prefix (training only)."""
+    aug = augmentation_settings(cfg)
+    keys = [IMAGE, LABEL] if with_label else [IMAGE]
+    patch = list(plan["patch_size"]) if spatial_dims == 3 else [*plan["patch_size_2d"], 1]
+    num_samples = int(aug["crop"]["num_samples"])
+    if with_label:
+        crop = RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=patch, pos=aug["crop"]["pos"],
+                                      neg=aug["crop"]["neg"], num_samples=num_samples)
+    else:
+        crop = RandSpatialCropSamplesd(keys=keys, roi_size=patch, num_samples=num_samples, random_size=False)
+    steps: list = [crop]
+    if spatial_dims == 2:
+        steps.append(SqueezeDimd(keys=keys, dim=3))  # [C, H, W, 1] -> [C, H, W]
+    interp = ["bilinear", "nearest"] if with_label else "bilinear"
+    rot = math.radians(aug["affine"]["rotate_deg"])
+    steps += [RandFlipd(keys=keys, prob=aug["flip"]["prob"], spatial_axis=a) for a in range(spatial_dims)]
+    steps += [
+        RandAffined(keys=keys, prob=aug["affine"]["prob"], rotate_range=[rot] * (3 if spatial_dims == 3 else 1),
+                    scale_range=[aug["affine"]["scale"]] * spatial_dims, mode=interp, padding_mode="zeros"),
+        RandScaleIntensityd(keys=IMAGE, factors=aug["intensity"]["scale"], prob=aug["intensity"]["scale_prob"]),
+        RandShiftIntensityd(keys=IMAGE, offsets=aug["intensity"]["shift"], prob=aug["intensity"]["shift_prob"]),
+        RandGaussianNoised(keys=IMAGE, prob=aug["noise"]["prob"], std=aug["noise"]["std"]),
+    ]
+    return steps
+
+
+def build_transforms(plan: Mapping[str, Any], *, train: bool, cfg: Mapping[str, Any] | None = None,
+                     spatial_dims: int = 3, with_label: bool = True,
+                     modalities: Mapping[int, str] | Sequence[str] | None = None) -> Compose:
+    """The MONAI pipeline for one site: training (patches, augmented) or validation (whole volumes).
+
+    Args:
+        plan: the federated plan (:func:`medseg_core.data.fingerprint.load_plan`); checked here.
+        train: random patches + augmentation (``True``) or deterministic whole volumes (``False``).
+        cfg: augmentation settings (``configs/transforms/*.yaml``: ``crop``, ``flip``, ``affine``,
+            ``intensity``, ``noise``); missing keys take :data:`DEFAULT_AUGMENTATION`.
+        spatial_dims: 3 (3D patches), or 2: training patches are axial slices ``[C, H, W]`` of
+            ``plan["patch_size_2d"]``; validation still yields whole volumes (infer slice-wise).
+        with_label: ``False`` for unlabelled cases (pretraining): ``keys=["image"]`` only, random
+            spatial crops instead of label-balanced ones.
+        modalities: the site's ``channel_names``; see :func:`channel_normalization`.
+
+    Returns:
+        A ``Compose`` over dicts ``{"image": [paths], "label": path, ...}`` (``Case.as_dict()``). Training
+        output: a list of ``num_samples`` dicts with ``image`` float32 ``[C, *patch]`` and ``label`` int64
+        ``[1, *patch]`` (plain tensors). Validation output: one dict with ``image`` float32
+        ``[C, X, Y, Z]`` and ``label`` int64 ``[1, X, Y, Z]`` as MetaTensors on the plan's grid
+        (RAS, target spacing, padded to at least the patch size), invertible with ``Invertd``.
+
+    Raises:
+        PlanError: a malformed plan.
+        ValueError: ``spatial_dims`` not 2 or 3, bad augmentation settings, or modalities that do not
+            fit the plan.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    check_plan(plan)
+    keys = [IMAGE, LABEL] if with_label else [IMAGE]
+    dtypes = [torch.float32, torch.int64] if with_label else [torch.float32]
+    steps = deterministic_transforms(plan, with_label=with_label, modalities=modalities, spatial_dims=spatial_dims)
+    if train:
+        steps += random_transforms(plan, cfg, with_label=with_label, spatial_dims=spatial_dims)
+    else:
+        augmentation_settings(cfg)  # validate the settings even when unused
+    steps.append(EnsureTyped(keys=keys, dtype=dtypes, track_meta=not train))
+    return Compose(steps)
+
