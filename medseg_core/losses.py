@@ -481,7 +481,7 @@ def _dice_args(include_background: bool, smooth_nr: float, smooth_dr: float) -> 
         "to_onehot_y": True,
         "softmax": True,
         "reduction": "none",
-        "batch": True,
+        "batch": False,
         "smooth_nr": _check_non_negative("smooth_nr", smooth_nr),
         "smooth_dr": _check_non_negative("smooth_dr", smooth_dr),
     }

@@ -74,6 +74,29 @@ def test_per_sample_gradients_do_not_mix():
     assert grad[1:].abs().sum() == 0
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("name", ["dice_ce", "dice_border_ce"])
+def test_opacus_per_sample_gradients_match_one_at_a_time(name):
+    """Opacus' per-sample gradients of our mean-reduced loss equal each patient's own gradient."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GELU(), torch.nn.Conv3d(4, 3, 1))
+    images = torch.randn(3, 1, 8, 8, 8)
+    _, target = _batch((8, 8, 8))
+    loss = build_loss(name)
+    expected = []
+    for i in range(3):
+        net.zero_grad()
+        loss(net(images[i : i + 1]), target[i : i + 1]).backward()
+        expected.append([p.grad.clone() for p in net.parameters()])
+    gsm = GradSampleModule(net, loss_reduction="mean")
+    loss(gsm(images), target).backward()
+    for j, p in enumerate(gsm.parameters()):
+        for i in range(3):
+            torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("include_background", [True, False])
 def test_dice_and_dice_ce_match_monai(include_background):
     logits, target = _batch((12, 12, 12))
