@@ -176,6 +176,7 @@ def evaluate(
     nsd_tolerance_mm: float = 2.0,
     hd95: bool = True,
     loss_fn: LossFn | None = None,
+    model_spatial_dims: int | None = None,
     progress: bool = False,
     desc: str = "eval",
 ) -> dict[str, Any]:
@@ -189,6 +190,7 @@ def evaluate(
         roi_size: sliding window size (the training patch size).
         class_values: foreground class name -> label value.
         loss_fn: optional; when given, the mean whole-volume loss is reported as ``loss``.
+        model_spatial_dims: 2 for a 2D model evaluated slice by slice on 3D volumes.
 
     Returns:
         ``{"cases": [{"case_id", "metrics": {class: {...}}}], "aggregate": {...}, "mean_dice": float,
@@ -202,7 +204,8 @@ def evaluate(
         image = plain_tensor(batch["image"]).to(device)
         label = plain_tensor(batch["label"]).to(device)
         probs = predict_probabilities(
-            model, image, roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, tta=tta, amp=amp
+            model, image, roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, tta=tta, amp=amp,
+            model_spatial_dims=model_spatial_dims,
         )
         if loss_fn is not None:
             losses.append(float(loss_fn(torch.log(probs.clamp_min(1e-8)), label)))

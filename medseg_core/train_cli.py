@@ -1,0 +1,209 @@
+"""``medseg-train``: pooled (centralised) or single-site training with the shared engine.
+
+    medseg-train                                   # pooled over every site of the synthetic federation
+    medseg-train data.root=/data/fed 'data.sites=[site_01]' train.epochs=100   # local-only baseline
+
+These are the honest baselines for the federation: same data contract, validation, plan, transforms,
+model, loss and engine as the Flower client. Artefacts (under ``hydra.run.dir``, or ``paths.run_dir``):
+``resolved_config.yaml``, ``fingerprints.json``, ``plan.json``, ``history.json``, ``curves.png``,
+``last.pt``, ``best.pt``, ``test_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from monai.data import DataLoader, Dataset
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from medseg_core.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from medseg_core.config import CONFIG_PATH, config_hash
+from medseg_core.data.fingerprint import plan_federation, save_json
+from medseg_core.data.loaders import LoaderSettings, build_site_loaders
+from medseg_core.data.problems import DatasetError
+from medseg_core.data.source import ensure_data_root
+from medseg_core.data.transforms import build_transforms
+from medseg_core.engine import (
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    prepare_model,
+    train_one_epoch,
+)
+from medseg_core.metrics import aggregate
+from medseg_core.plots import plot_curves
+from medseg_core.runtime import amp_enabled, resolve_device, seed_everything
+from medseg_core.workflow import (
+    build_configured_model,
+    foreground_classes,
+    model_config,
+    pooled_loader,
+    roi_size,
+    to_container,
+    validated_sites,
+)
+
+
+def _eval_kwargs(cfg: DictConfig, plan: dict, spatial_dims: int, labels: dict, device, amp: bool) -> dict:
+    ev = cfg.eval
+    return {
+        "device": device, "roi_size": roi_size(plan, spatial_dims), "class_values": foreground_classes(labels),
+        "sw_batch_size": int(ev.sw_batch_size), "overlap": float(ev.overlap), "mode": str(ev.mode),
+        "amp": amp, "nsd_tolerance_mm": float(ev.nsd_tolerance_mm), "hd95": bool(ev.hd95),
+        "model_spatial_dims": spatial_dims,
+    }
+
+
+def _pooled_eval(results: dict[str, dict]) -> dict[str, Any]:
+    """Aggregate the cases of every site together (each case weighs the same)."""
+    cases = [c["metrics"] for r in results.values() for c in r["cases"]]
+    return aggregate(cases) if cases else {}
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train, validate each epoch, keep best/last checkpoints, evaluate the best on the test split.
+
+    Returns:
+        A summary: best epoch, best validation Dice, test metrics per site and pooled, run directory.
+
+    Raises:
+        DatasetError: the data did not pass validation (before anything is trained).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = bool(cfg.train.progress)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    amp = amp_enabled(cfg.train.amp, device)
+    write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "resolved_config.yaml")
+
+    root = ensure_data_root(cfg.data, progress=progress)
+    sites = validated_sites(root, cfg.data.sites, skip_bad=bool(cfg.data.skip_bad_cases))
+    fingerprints, _merged, plan = plan_federation(sites)
+    save_json({s.name: fp for s, fp in zip(sites, fingerprints, strict=True)}, run_dir / "fingerprints.json")
+    save_json(plan, run_dir / "plan.json")
+
+    spatial_dims = int(cfg.model.spatial_dims)
+    settings = LoaderSettings.from_config(to_container(cfg), progress=progress)
+    site_loaders = {s.name: build_site_loaders(s, plan, to_container(cfg), settings=settings) for s in sites}
+    train_loader = pooled_loader([ld.train for ld in site_loaders.values()], batch_size=settings.batch_size,
+                                 seed=int(cfg.seed))
+    labels = dict(sites[0].labels)
+    channel_names = sites[0].channel_names if all(s.channel_names == sites[0].channel_names for s in sites) else {}
+
+    kwargs = model_config(cfg.model, in_channels=sites[0].num_channels, out_channels=sites[0].num_classes,
+                          plan=plan)
+    model = prepare_model(build_configured_model(kwargs), device, channels_last=bool(cfg.train.channels_last),
+                          spatial_dims=spatial_dims)
+    forward_model = torch.compile(model) if cfg.train.compile else model
+    loss_fn = hydra.utils.instantiate(cfg.loss)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    scheduler = build_scheduler(cfg.get("sched"), optimizer)
+    eval_kwargs = _eval_kwargs(cfg, plan, spatial_dims, labels, device, amp)
+    ckpt_meta = {"model_config": kwargs, "plan": plan, "labels": labels, "channel_names": channel_names,
+                 "config_hash": config_hash(cfg)}
+
+    epochs = int(cfg.train.epochs)
+    history: dict[str, Any] = {"sites": [s.name for s in sites], "epochs": []}
+    best = {"dice": -math.inf, "epoch": None}
+    print(f"medseg-train: {len(sites)} site(s) {history['sites']}, "
+          f"{sum(len(ld.train.dataset) for ld in site_loaders.values())} training case(s), "
+          f"model {kwargs['name']} ({sum(p.numel() for p in model.parameters()):,} parameters), device {device}, "
+          f"patch {eval_kwargs['roi_size']}, run dir {run_dir}")
+    start = time.perf_counter()
+    for epoch in tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, dynamic_ncols=True):
+        stats = train_one_epoch(
+            forward_model, train_loader, loss_fn, optimizer, device=device,
+            grad_clip_norm=cfg.train.grad_clip_norm, amp=amp, channels_last=bool(cfg.train.channels_last),
+            progress=progress, desc=f"epoch {epoch}",
+        )
+        entry: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
+                                 "train_seconds": stats["seconds"]}
+        if scheduler is not None:
+            scheduler.step()
+        if epoch % int(cfg.train.val_every) == 0 or epoch == epochs:
+            val = {name: evaluate(model, ld.val, **eval_kwargs) for name, ld in site_loaders.items() if ld.val}
+            pooled = _pooled_eval(val)
+            entry["val_dice"] = {name: r["mean_dice"] for name, r in val.items()}
+            entry["val_mean_dice"] = float(pooled.get("mean", {}).get("dice", math.nan)) if pooled else math.nan
+            if entry["val_mean_dice"] > best["dice"]:
+                best = {"dice": entry["val_mean_dice"], "epoch": epoch}
+                save_checkpoint(run_dir / "best.pt", state_dict=model.state_dict(), epoch=epoch,
+                                metrics={"val_mean_dice": entry["val_mean_dice"]}, **ckpt_meta)
+        history["epochs"].append(entry)
+        save_checkpoint(run_dir / "last.pt", state_dict=model.state_dict(), epoch=epoch,
+                        optimizer=optimizer.state_dict(), **ckpt_meta)
+        write_json(history, run_dir / "history.json")
+        val_txt = f" val Dice {entry['val_mean_dice']:.4f}" if "val_mean_dice" in entry else ""
+        print(f"epoch {epoch}/{epochs} loss {stats['loss']:.4f}{val_txt} ({stats['seconds']:.1f} s)", flush=True)
+    history["train_seconds"] = time.perf_counter() - start
+    if best["epoch"] is None:  # no validation split anywhere: the last model is the best we know
+        save_checkpoint(run_dir / "best.pt", state_dict=model.state_dict(), epoch=epochs, **ckpt_meta)
+    _plot(history, run_dir / "curves.png")
+
+    # final: the best model on every site's held-out test split
+    best_payload = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best_payload["state_dict"])
+    test = {}
+    for s in sites:
+        if not s.test_cases:
+            continue
+        tf = build_transforms(plan, train=False, modalities=s.channel_names, spatial_dims=3)
+        loader = DataLoader(Dataset([c.as_dict() for c in s.test_cases], tf), batch_size=1)
+        test[s.name] = evaluate(model, loader, **eval_kwargs)
+    pooled_test = _pooled_eval(test)
+    summary = {
+        "run_dir": str(run_dir), "best_epoch": best["epoch"], "best_val_mean_dice": best["dice"],
+        "test_mean_dice": float(pooled_test.get("mean", {}).get("dice", math.nan)) if pooled_test else math.nan,
+        "test_per_site": {n: r["mean_dice"] for n, r in test.items()},
+        "train_seconds": history["train_seconds"],
+    }
+    write_json({"summary": summary, "pooled": pooled_test,
+                "sites": {n: {"aggregate": r["aggregate"], "cases": r["cases"]} for n, r in test.items()}},
+               run_dir / "test_metrics.json")
+    history["summary"] = summary
+    write_json(history, run_dir / "history.json")
+    print(f"test mean foreground Dice {summary['test_mean_dice']:.4f} "
+          f"per site {({k: round(v, 4) for k, v in summary['test_per_site'].items()})}; best epoch {best['epoch']}")
+    return summary
+
+
+def _plot(history: dict[str, Any], path: Path) -> None:
+    epochs = history["epochs"]
+    val_sites = sorted({k for e in epochs for k in e.get("val_dice", {})})
+    plot_curves(
+        {
+            "training loss": {"train": [e["train_loss"] for e in epochs]},
+            "validation Dice (foreground mean)": {
+                **{s: [e.get("val_dice", {}).get(s, math.nan) for e in epochs] for s in val_sites},
+                "pooled": [e.get("val_mean_dice", math.nan) for e in epochs],
+            },
+        },
+        path, title="medseg-train",
+    )
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    run_dir = cfg.paths.run_dir or HydraConfig.get().runtime.output_dir
+    try:
+        run_training(cfg, run_dir)
+    except (DatasetError, FileNotFoundError) as exc:
+        print(f"medseg-train: refusing to train: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
