@@ -188,10 +188,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out_dir = Path(args.output)
     failures: list[str] = []
+    scores: dict[str, dict] = {}
     for case_id, paths in cases.items():
         try:
             labels, ref = predictor.predict_case(paths)
             out = write_prediction(labels, ref, out_dir / f"{case_id}.nii.gz")
+            if args.reference:
+                scores[case_id] = score_against_reference(labels, ref, Path(args.reference), case_id,
+                                                          predictor.labels)
+                dice = {k: round(v["dice"], 4) for k, v in scores[case_id].items()}
+                print(f"{case_id}: Dice vs reference {dice}")
             if args.overlay:
                 first = np.asarray(ref.dataobj, dtype=np.float32)
                 first = first[..., 0] if first.ndim == 4 else first
@@ -206,8 +212,40 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {paths[0]}: prediction failed ({type(exc).__name__}: {exc})", file=sys.stderr)
             if args.debug:
                 traceback.print_exc()
+    if scores:
+        from medseg_core.checkpoint import write_json
+        from medseg_core.metrics import aggregate
+
+        agg = aggregate(list(scores.values()))
+        write_json({"cases": scores, "aggregate": agg}, out_dir / "metrics.json")
+        print(f"mean foreground Dice vs reference: {agg['mean'].get('dice', float('nan')):.4f} "
+              f"({out_dir / 'metrics.json'})")
     print(f"{len(cases) - len(failures)}/{len(cases)} case(s) predicted into {out_dir}")
     return 1 if failures else 0
+
+
+def score_against_reference(labels: np.ndarray, ref: nib.Nifti1Image, reference_dir: Path, case_id: str,
+                            class_labels: dict[str, int]) -> dict:
+    """Metrics of a prediction against ``reference_dir/CASE.nii.gz`` on the scan's original grid.
+
+    Raises:
+        PredictError: the reference label map is missing, unreadable or on another grid.
+    """
+    from medseg_core.metrics import case_metrics
+
+    path = reference_dir / f"{case_id}.nii.gz"
+    if not path.is_file():
+        path = reference_dir / f"{case_id}.nii"
+    try:
+        gt_img = nib.load(str(path))
+        gt = np.asarray(gt_img.dataobj)
+    except Exception as exc:
+        raise PredictError(f"{path}: cannot read reference label map ({type(exc).__name__}: {exc})") from exc
+    if gt.shape != labels.shape or not np.allclose(gt_img.affine, ref.affine, atol=1e-3):
+        raise PredictError(f"{path}: reference grid {gt.shape} differs from the scan's {labels.shape}")
+    spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
+    fg = {k: v for k, v in class_labels.items() if v != 0}
+    return case_metrics(labels, np.rint(gt).astype(np.int64), spacing_mm=spacing, class_values=fg, case_id=case_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (all axis flips)")
     p.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     p.add_argument("--overlay", action="store_true", help="also write CASE.png with the label overlay")
+    p.add_argument("--reference", default=None,
+                   help="folder of ground-truth CASE.nii.gz label maps: report Dice/HD95/NSD on the original grid")
     p.add_argument("--modality", nargs="+", default=None,
                    help="modality of each input channel (e.g. CT or MR) when the checkpoint's is ambiguous")
     p.add_argument("--device", default="auto")

@@ -4,7 +4,7 @@ Every pipeline starts with the same deterministic part (what :class:`monai.data.
 
     LoadImaged (channels stacked, channel first) -> Orientationd("RAS") -> NormalizeByPland
       -> Spacingd(plan target spacing; bilinear image, nearest label) -> label as uint8
-      -> SpatialPadd(plan patch size)
+      -> SpatialPadd(plan patch size) [training: -> SampleCropCentresd]
 
 Training then samples and augments::
 
@@ -26,6 +26,7 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import (
     Compose,
@@ -41,7 +42,6 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
-    ScaleIntensityRange,
     Spacingd,
     SpatialPadd,
     SqueezeDimd,
@@ -50,6 +50,9 @@ from monai.transforms import (
 from medseg_core.data.fingerprint import SCHEME_CT, SCHEME_NONZERO, check_plan, scheme_for_modality
 
 IMAGE, LABEL = "image", "label"
+FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
+#: foreground / background voxels kept per case as candidate patch centres (nnU-Net keeps 10,000)
+MAX_CROP_CENTRES = 10_000
 
 #: defaults of ``configs/transforms/default.yaml`` (used when no config is passed)
 DEFAULT_AUGMENTATION: dict[str, dict[str, float]] = {
@@ -154,8 +157,9 @@ def channel_normalization(plan: Mapping[str, Any],
 class NormalizeByPland(MapTransform):
     """Per-channel intensity normalisation as the plan says (dictionary transform).
 
-    - ``ct``: clip to ``[lo, hi]`` then ``(x - mean) / std``, done exactly by one MONAI
-      ``ScaleIntensityRange(lo, hi, (lo - mean) / std, (hi - mean) / std, clip=True)``.
+    - ``ct``: clip to ``[lo, hi]`` then ``(x - mean) / std`` (what MONAI's
+      ``ScaleIntensityRange(lo, hi, (lo - mean) / std, (hi - mean) / std, clip=True)`` computes, done in
+      place with torch: 3x faster on a 256x256x160 volume).
     - ``nonzero``: MONAI ``NormalizeIntensity(nonzero=True)`` on that channel (z-score over its non-zero
       voxels; zeros stay 0).
 
@@ -176,7 +180,7 @@ class NormalizeByPland(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if not channels:
             raise ValueError("channels must list one normalisation per channel, got an empty list")
-        self.ops = []
+        self.channels: list[dict[str, Any]] = []
         for c, ch in enumerate(channels):
             scheme = ch.get("scheme")
             if scheme == SCHEME_CT:
@@ -184,24 +188,77 @@ class NormalizeByPland(MapTransform):
                 mean, std = float(ch["mean"]), float(ch["std"])
                 if not (std > 0 and lo < hi):
                     raise ValueError(f"channel {c}: CT normalisation needs std > 0 and clip low < high, got {ch}")
-                self.ops.append(ScaleIntensityRange(a_min=lo, a_max=hi, b_min=(lo - mean) / std,
-                                                    b_max=(hi - mean) / std, clip=True))
+                self.channels.append({"scheme": scheme, "clip": (lo, hi), "mean": mean, "std": std})
             elif scheme == SCHEME_NONZERO:
-                self.ops.append(NormalizeIntensity(nonzero=True))
+                self.channels.append({"scheme": scheme})
             else:
                 raise ValueError(f"channel {c}: unknown normalisation scheme {scheme!r}")
+        self._nonzero = NormalizeIntensity(nonzero=True)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            if img.shape[0] != len(self.ops):
+            if img.shape[0] != len(self.channels):
                 source = getattr(img, "meta", {}).get("filename_or_obj", key)
-                raise ValueError(f"{source}: image has {img.shape[0]} channel(s), the plan expects {len(self.ops)}")
-            out = img.clone() if img.is_floating_point() else img.float()  # keeps meta and applied operations
-            for c, op in enumerate(self.ops):
-                out[c] = torch.as_tensor(op(img[c:c + 1]))[0]
+                raise ValueError(f"{source}: image has {img.shape[0]} channel(s), the plan expects "
+                                 f"{len(self.channels)}")
+            out = img.clone() if img.dtype == torch.float32 else img.float()  # keeps meta, applied operations
+            for c, ch in enumerate(self.channels):
+                if ch["scheme"] == SCHEME_CT:
+                    out[c].clamp_(*ch["clip"]).sub_(ch["mean"]).div_(ch["std"])
+                else:
+                    out[c] = torch.as_tensor(self._nonzero(img[c:c + 1]))[0]
             d[key] = out
+        return d
+
+
+class SampleCropCentresd(MapTransform):
+    """Store up to ``max_centres`` foreground and background voxel indices of the label for
+    ``RandCropByPosNegLabeld`` (keys ``fg_indices`` / ``bg_indices``, flattened spatial indices).
+
+    Ours; the idea is nnU-Net's ``class_locations``. Without pre-computed indices MONAI's crop rescans
+    the whole label at every draw (~0.1 s for 256x256x160), and MONAI's ``FgBgToIndicesd`` keeps every
+    index: 8 bytes per voxel, 80 MB per such volume in the cache. 10,000 of each are plenty of distinct
+    patch centres and cost 160 kB per case. The subsample uses a fixed seed, so the transform is
+    deterministic and ``CacheDataset`` caches its output.
+
+    Args:
+        keys: the label key; labels are ``[1, *spatial]``.
+        max_centres: indices kept per kind.
+        seed: seed of the subsampling.
+
+    Raises:
+        ValueError: ``max_centres`` < 1.
+    """
+
+    def __init__(self, keys: Hashable = LABEL, max_centres: int = MAX_CROP_CENTRES, seed: int = 0) -> None:
+        super().__init__(keys)
+        if max_centres < 1:
+            raise ValueError(f"max_centres must be >= 1, got {max_centres}")
+        self.max_centres = int(max_centres)
+        self.seed = int(seed)
+
+    def _subsample(self, rng: np.random.Generator, mask: np.ndarray, count: int) -> np.ndarray:
+        n = self.max_centres
+        if count <= n:
+            return np.flatnonzero(mask)
+        if count >= mask.size // 2:  # common for background: draw positions instead of listing ~all voxels
+            picked = np.empty(0, dtype=np.int64)
+            while picked.size < n:
+                cand = rng.integers(0, mask.size, size=2 * n)
+                picked = np.unique(np.concatenate([picked, cand[mask[cand]]]))
+            return np.sort(rng.choice(picked, size=n, replace=False))
+        return np.sort(rng.choice(np.flatnonzero(mask), size=n, replace=False))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            fg = np.asarray(torch.as_tensor(d[key]).detach().cpu()).reshape(d[key].shape[0], -1).any(axis=0)
+            rng = np.random.default_rng(self.seed)
+            n_fg = int(fg.sum())
+            d[FG_INDICES] = self._subsample(rng, fg, n_fg)
+            d[BG_INDICES] = self._subsample(rng, ~fg, fg.size - n_fg)
         return d
 
 
@@ -239,9 +296,10 @@ def random_transforms(plan: Mapping[str, Any], cfg: Mapping[str, Any] | None = N
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     patch = list(plan["patch_size"]) if spatial_dims == 3 else [*plan["patch_size_2d"], 1]
     num_samples = int(aug["crop"]["num_samples"])
-    if with_label:
+    if with_label:  # crop centres from SampleCropCentresd (run before, in the cached part)
         crop = RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=patch, pos=aug["crop"]["pos"],
-                                      neg=aug["crop"]["neg"], num_samples=num_samples)
+                                      neg=aug["crop"]["neg"], num_samples=num_samples,
+                                      fg_indices_key=FG_INDICES, bg_indices_key=BG_INDICES)
     else:
         crop = RandSpatialCropSamplesd(keys=keys, roi_size=patch, num_samples=num_samples, random_size=False)
     steps: list = [crop]
@@ -295,6 +353,8 @@ def build_transforms(plan: Mapping[str, Any], *, train: bool, cfg: Mapping[str, 
     dtypes = [torch.float32, torch.int64] if with_label else [torch.float32]
     steps = deterministic_transforms(plan, with_label=with_label, modalities=modalities, spatial_dims=spatial_dims)
     if train:
+        if with_label:
+            steps.append(SampleCropCentresd(LABEL))
         steps += random_transforms(plan, cfg, with_label=with_label, spatial_dims=spatial_dims)
     else:
         augmentation_settings(cfg)  # validate the settings even when unused
