@@ -1,0 +1,121 @@
+"""End to end: ``medseg-train`` on a tiny synthetic federation, then ``medseg-predict`` on its test scans.
+
+The Dice that ``medseg-predict --reference`` reports is recomputed here independently, from the NIfTI
+files it wrote, with plain NumPy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+TINY_UNET = ["model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1"]
+
+
+def _run(args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(synth_fed, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    proc = _run([sys.executable, "-m", "medseg_core.train_cli", f"data.root={synth_fed}", f"paths.run_dir={run_dir}",
+                 "train.epochs=2", "train.progress=false", "eval.hd95=false", *TINY_UNET,
+                 f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run_dir, proc.stdout
+
+
+@pytest.mark.slow
+def test_train_writes_every_artefact(trained):
+    run_dir, out = trained
+    for name in ("resolved_config.yaml", "plan.json", "fingerprints.json", "history.json", "curves.png",
+                 "best.pt", "last.pt", "test_metrics.json"):
+        assert (run_dir / name).is_file(), name
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["epochs"]) == 2 and set(history["sites"]) == {"site_00", "site_01"}
+    assert all(np.isfinite(e["train_loss"]) for e in history["epochs"])
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert set(test["sites"]) == {"site_00", "site_01"}
+    assert "test mean foreground Dice" in out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.logical_and(a, b).sum()
+    return 2.0 * inter / (a.sum() + b.sum())
+
+
+@pytest.mark.slow
+def test_predict_keeps_geometry_and_its_reported_dice_is_right(trained, synth_fed, tmp_path):
+    run_dir, _ = trained
+    images, labels = synth_fed / "site_01" / "imagesTs", synth_fed / "site_01" / "labelsTs"
+    out = tmp_path / "pred"
+    proc = _run([sys.executable, "-m", "medseg_core.predict", "--checkpoint", str(run_dir / "best.pt"),
+                 "--input", str(images), "--output", str(out), "--reference", str(labels), "--modality", "T1",
+                 "--overlay"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reported = json.loads((out / "metrics.json").read_text())["cases"]
+    for img_path in sorted(images.iterdir()):
+        case = img_path.name.replace("_0000.nii.gz", "")
+        src, pred = nib.load(img_path), nib.load(out / f"{case}.nii.gz")
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+        p = np.asarray(pred.dataobj)
+        assert p.dtype == np.uint8 and set(np.unique(p)) <= {0, 1, 2}
+        gt = np.asarray(nib.load(labels / f"{case}.nii.gz").dataobj)
+        for name, value in (("organ", 1), ("lesion", 2)):
+            if (gt == value).any() and (p == value).any():
+                assert abs(_dice(p == value, gt == value) - reported[case][name]["dice"]) < 0.01
+        assert (out / f"{case}.png").is_file()
+
+
+@pytest.mark.slow
+def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(trained, synth_fed, tmp_path):
+    run_dir, _ = trained
+    folder = tmp_path / "in"
+    shutil.copytree(synth_fed / "site_01" / "imagesTs", folder)
+    corrupt = folder / "broken_0000.nii.gz"
+    corrupt.write_bytes((folder / sorted(p.name for p in folder.iterdir())[0]).read_bytes()[:300])
+    out = tmp_path / "pred"
+    proc = _run([sys.executable, "-m", "medseg_core.predict", "--checkpoint", str(run_dir / "best.pt"),
+                 "--input", str(folder), "--output", str(out), "--modality", "T1"])
+    assert proc.returncode == 1
+    assert "broken_0000.nii.gz" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    good = [p.name.replace("_0000", "") for p in folder.iterdir() if p.name != corrupt.name]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(good)
+
+
+@pytest.mark.slow
+def test_wrong_channel_count_is_a_clear_error(trained, synth_fed, tmp_path):
+    run_dir, _ = trained
+    folder = tmp_path / "two_channels"
+    folder.mkdir()
+    src = sorted((synth_fed / "site_01" / "imagesTs").iterdir())[0]
+    for ch in ("0000", "0001"):
+        shutil.copy(src, folder / f"case_{ch}.nii.gz")
+    proc = _run([sys.executable, "-m", "medseg_core.predict", "--checkpoint", str(run_dir / "best.pt"),
+                 "--input", str(folder), "--output", str(tmp_path / "o"), "--modality", "T1"])
+    assert proc.returncode == 1
+    assert "expects 1 channel(s), this case has 2" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_refuses_bad_data_before_training(synth_fed, tmp_path):
+    bad = tmp_path / "fed"
+    shutil.copytree(synth_fed, bad)
+    lab = sorted((bad / "site_00" / "labelsTr").iterdir())[0]
+    img = nib.load(lab)
+    data = np.asarray(img.dataobj).astype(np.uint8)
+    data[0, 0, 0] = 7  # a label value dataset.json does not declare
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), lab)
+    run_dir = tmp_path / "run"
+    proc = _run([sys.executable, "-m", "medseg_core.train_cli", f"data.root={bad}", f"paths.run_dir={run_dir}",
+                 "train.epochs=1", *TINY_UNET, f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 1
+    assert "refusing to train" in proc.stderr and lab.name in proc.stderr
+    assert not (run_dir / "last.pt").exists()
