@@ -30,8 +30,8 @@ def _options(group: str) -> list[str]:
 
 
 def _primary_for(group: str) -> str:
-    for name in PRIMARY_CONFIGS:
-        defaults = OmegaConf.load(CONFIG_DIR / f"{name}.yaml").get("defaults", [])
+    for name in ("train", "fl", "pretrain"):
+        defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{name}.yaml")).get("defaults", [])
         for d in defaults:
             if isinstance(d, dict) and group in d:
                 return name
@@ -49,10 +49,10 @@ def _instantiate_all(node, path: str = "") -> int:
         if "_target_" in node:
             obj = hydra.utils.instantiate(node)
             if node.get("_partial_", False):
-                if "optim" in str(node._target_):
-                    obj = obj(_tiny_params())
-                elif "lr_scheduler" in str(node._target_):
+                if "lr_scheduler" in str(node._target_):
                     obj = obj(torch.optim.SGD(_tiny_params(), lr=0.1))
+                elif "optim" in str(node._target_):
+                    obj = obj(_tiny_params())
             assert obj is not None, f"{path} instantiated to None"
             return 1
         for key in node:

@@ -19,6 +19,7 @@ import inspect
 from collections import defaultdict
 
 import torch.nn as nn
+from monai.networks.blocks.dynunet_block import UnetResBlock
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
@@ -69,7 +70,8 @@ def _functorch_modules(model: nn.Module, prefix: str = ""):
 def dp_problems(model: nn.Module) -> list[str]:
     """Everything in ``model`` that would make DP-SGD fail or silently compute wrong gradients.
 
-    Checks: BatchNorm; InstanceNorm with running statistics; in-place activations; a module or a
+    Checks: BatchNorm; InstanceNorm with running statistics; in-place activations and MONAI's in-place
+    residual add (``UnetResBlock``); a module or a
     parameter reachable under two names (its per-sample gradient would be accumulated twice);
     torch.func-handled modules that hold buffers or whose ``forward`` needs more than one input.
     Unused parameters cannot be seen statically: the registry tests run a backward pass for that.
@@ -89,6 +91,8 @@ def dp_problems(model: nn.Module) -> list[str]:
             problems.append(f"{where}: {type(m).__name__} tracks running statistics")
         if getattr(m, "inplace", False) is True:
             problems.append(f"{where}: in-place {type(m).__name__} breaks the per-sample gradient hooks")
+        if type(m) is UnetResBlock:
+            problems.append(f"{where}: MONAI UnetResBlock adds its residual in place (use disable_inplace)")
 
     # A module (or parameter) reachable under two names gets Opacus hooks twice -> 2x per-sample grads.
     module_names: dict[int, list[str]] = defaultdict(list)
@@ -96,9 +100,13 @@ def dp_problems(model: nn.Module) -> list[str]:
         if any(True for _ in m.parameters()):
             module_names[id(m)].append(name)
     reported: list[str] = []
-    for dup in sorted((n for n in module_names.values() if len(n) > 1), key=lambda n: min(x.count(".") for x in n)):
+    for dup in sorted(
+        (n for n in module_names.values() if len(n) > 1), key=lambda n: min(x.count(".") for x in n)
+    ):
         if not _under(dup, reported):
-            problems.append(f"module registered {len(dup)} times ({', '.join(dup)}): its gradients would count twice")
+            problems.append(
+                f"module registered {len(dup)} times ({', '.join(dup)}): its gradients would count twice"
+            )
             reported.extend(dup)
     param_names: dict[int, list[str]] = defaultdict(list)
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
+from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.blocks.transformerblock import TransformerBlock
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -58,7 +60,9 @@ def group_count(channels: int, max_groups: int = MAX_NORM_GROUPS) -> int:
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
 
 
-def build_with_norm(factory: Callable[[tuple[str, dict]], nn.Module], norm: str, spatial_dims: int) -> nn.Module:
+def build_with_norm(
+    factory: Callable[[tuple[str, dict]], nn.Module], norm: str, spatial_dims: int
+) -> nn.Module:
     """Build a MONAI network with one of our ``norm`` choices.
 
     Args:
@@ -92,7 +96,9 @@ def norm_layer(norm: str, spatial_dims: int, channels: int, max_groups: int = MA
     raise ValueError(f"norm={norm!r} is not one of {list(NORMS)}")
 
 
-def replace_batchnorm(module: nn.Module, norm: str, spatial_dims: int, max_groups: int = MAX_NORM_GROUPS) -> int:
+def replace_batchnorm(
+    module: nn.Module, norm: str, spatial_dims: int, max_groups: int = MAX_NORM_GROUPS
+) -> int:
     """Swap every BatchNorm in ``module`` (in place) for the ``norm`` choice, keeping channel counts.
 
     Written here because neither torch nor MONAI swaps norm layers by type (Opacus'
@@ -113,16 +119,41 @@ def replace_batchnorm(module: nn.Module, norm: str, spatial_dims: int, max_group
     return replaced
 
 
-def disable_inplace(module: nn.Module) -> int:
-    """Set ``inplace=False`` on every activation/dropout layer; returns how many were changed.
+class OutOfPlaceUnetResBlock(UnetResBlock):
+    """MONAI ``UnetResBlock`` adding its residual out of place (same parameters and state-dict keys).
 
-    In-place ops on a hooked layer's output break the full backward hooks that DP-SGD per-sample
-    gradients rely on ("a view of BackwardHookFunctionBackward is being modified in-place").
+    MONAI's block does ``out += residual`` on the output of a normalisation layer, which breaks the
+    full backward hooks of DP-SGD per-sample gradients.
+    """
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.lrelu(self.norm1(self.conv1(inp)))
+        out = self.norm2(self.conv2(out))
+        residual = inp
+        if hasattr(self, "conv3"):
+            residual = self.conv3(residual)
+        if hasattr(self, "norm3"):
+            residual = self.norm3(residual)
+        return self.lrelu(out + residual)
+
+
+def disable_inplace(module: nn.Module) -> int:
+    """Remove in-place operations that DP-SGD per-sample gradient hooks cannot handle.
+
+    Sets ``inplace=False`` on every activation/dropout layer and turns MONAI ``UnetResBlock`` s into
+    :class:`OutOfPlaceUnetResBlock` (class swap; parameters untouched). In-place ops on a hooked
+    layer's output raise "Output 0 of BackwardHookFunction is a view and is being modified inplace".
+
+    Returns:
+        How many layers were changed.
     """
     changed = 0
     for m in module.modules():
         if getattr(m, "inplace", False) is True:
             m.inplace = False
+            changed += 1
+        if type(m) is UnetResBlock:
+            m.__class__ = OutOfPlaceUnetResBlock
             changed += 1
     return changed
 

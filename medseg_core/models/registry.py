@@ -163,7 +163,9 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         bound = signature.bind(**kwargs)
     except TypeError as err:
-        raise ValueError(f"model {name!r}: {err}; accepted arguments: {', '.join(signature.parameters)}") from None
+        raise ValueError(
+            f"model {name!r}: {err}; accepted arguments: {', '.join(signature.parameters)}"
+        ) from None
     bound.apply_defaults()
     args = dict(bound.arguments)
 
