@@ -165,6 +165,17 @@ def histogram_percentile(hist: Mapping[str, Sequence[int]], q: float, bin_width:
 # site fingerprint
 
 
+def scheme_for_modality(modality: str) -> str:
+    """Normalisation scheme of a declared modality: ``"ct"`` for CT (any case), else ``"nonzero"``."""
+    return SCHEME_CT if str(modality).strip().upper() == "CT" else SCHEME_NONZERO
+
+
+def canonical_modality(modality: str) -> str:
+    """The key a modality is merged under: ``"CT"`` for any spelling of CT, else the stripped name."""
+    name = str(modality).strip()
+    return "CT" if name.upper() == "CT" else name
+
+
 def ras_permutation(affine: np.ndarray) -> list[int]:
     """For each voxel axis, the RAS axis it maps to most closely (from the affine's direction)."""
     ornt = nib.orientations.io_orientation(np.asarray(affine))
@@ -179,7 +190,8 @@ def _to_ras_order(values: Sequence[float], perm: Sequence[int]) -> list:
 
 
 def _load_case(case: Case, num_channels: int) -> tuple[list[np.ndarray], np.ndarray, nib.Nifti1Image]:
-    """Voxel arrays (channels, label) of one case, checked for shape agreement and finite values."""
+    """Voxel arrays (channels, label) and the first image of one case, checked for shape agreement and
+    finite values."""
     if case.label_path is None:
         raise ValueError(f"case '{case.case_id}' ({case.image_paths[0]}) has no label")
     try:
@@ -188,6 +200,7 @@ def _load_case(case: Case, num_channels: int) -> tuple[list[np.ndarray], np.ndar
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise ValueError(f"{case.label_path}: cannot read label ({exc})") from exc
     channels: list[np.ndarray] = []
+    sources: list[Path] = []  # the file each channel came from, for error messages
     first_img = None
     for path in case.image_paths:
         try:
@@ -198,12 +211,14 @@ def _load_case(case: Case, num_channels: int) -> tuple[list[np.ndarray], np.ndar
         first_img = first_img or img
         if data.ndim == label.ndim + 1:  # MSD: channels along a trailing 4th axis
             channels.extend(data[..., c] for c in range(data.shape[-1]))
+            sources.extend([path] * data.shape[-1])
         else:
             channels.append(data)
+            sources.append(path)
     if len(channels) != num_channels:
         raise ValueError(f"{case.image_paths[0]}: case '{case.case_id}' has {len(channels)} channel(s), "
                          f"dataset.json declares {num_channels}")
-    for path, data in zip(case.image_paths * num_channels, channels, strict=False):
+    for path, data in zip(sources, channels, strict=True):
         if data.shape != label.shape:
             raise ValueError(f"{path}: image shape {data.shape} differs from label shape {label.shape} "
                              f"({case.label_path})")
@@ -246,7 +261,9 @@ def compute_site_fingerprint(site: SiteDataset, *, progress: bool = False) -> di
              "labels", "histogram": {"transform", "bin_width"},
              "cases": [{"spacing_mm": [x, y, z], "shape": [X, Y, Z]}, ...],   # RAS order, sorted
              "channels": {"0": {"CT": {"num_cases", "foreground": {count, sum, sum_sq, min, max,
-                                                                   histogram}, "nonzero_fraction": {...}}}},
+                                                                   histogram},
+                                       "nonzero_fraction": {count, sum, min, max},
+                                       "image_min", "image_max"}}},
              "classes": {"0": {"voxels", "cases"}, ...}}
 
     Raises:
@@ -261,7 +278,7 @@ def compute_site_fingerprint(site: SiteDataset, *, progress: bool = False) -> di
     if num_channels < 1:
         raise ValueError(f"site {site.name} ({site.root}): dataset.json declares no channel")
     declared = set(site.labels.values())
-    modalities = [site.modality(c) for c in range(num_channels)]
+    modalities = [canonical_modality(site.modality(c)) for c in range(num_channels)]
 
     case_geoms: list[dict[str, list]] = []
     stats = [_empty_channel_stats() for _ in range(num_channels)]
@@ -283,7 +300,12 @@ def compute_site_fingerprint(site: SiteDataset, *, progress: bool = False) -> di
         spatial_dims = spatial_dims or label.ndim
         if label.ndim != spatial_dims:
             raise ValueError(f"{case.label_path}: {label.ndim}D label in a {spatial_dims}D dataset")
-        values, counts = np.unique(label, return_counts=True)
+        if label.dtype.kind in "ui" and label.min() >= 0:  # bincount: ~10x faster than unique on 10M voxels
+            counts_all = np.bincount(label.ravel())
+            values = np.flatnonzero(counts_all)
+            counts = counts_all[values]
+        else:
+            values, counts = np.unique(label, return_counts=True)
         if not np.all(np.equal(np.mod(values, 1), 0)):
             raise ValueError(f"{case.label_path}: label holds non-integer values")
         unknown = sorted({int(v) for v in values} - declared)
@@ -485,9 +507,6 @@ def merge_fingerprints(fps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # plan
 
 
-def scheme_for_modality(modality: str) -> str:
-    """Normalisation scheme of a declared modality: ``"ct"`` for CT (any case), else ``"nonzero"``."""
-    return SCHEME_CT if str(modality).strip().upper() == "CT" else SCHEME_NONZERO
 
 
 def target_spacing(spacings_mm: np.ndarray, anisotropy_threshold: float = DEFAULT_ANISOTROPY_THRESHOLD

@@ -102,12 +102,11 @@ class LoaderSettings:
         cfg = cfg or {}
         train, data, model = (cfg.get(k) or {} for k in ("train", "data", "model"))
         values: dict[str, Any] = {}
-        for src, key, name in ((train, "batch_size", "batch_size"), (train, "num_workers", "num_workers"),
-                               (data, "val_fraction", "val_fraction"), (data, "split_seed", "split_seed"),
-                               (data, "cache", "cache"), (data, "cache_dir", "cache_dir"),
-                               (model, "spatial_dims", "spatial_dims"), (cfg, "seed", "seed")):
+        for src, key in ((train, "batch_size"), (train, "num_workers"), (data, "val_fraction"),
+                         (data, "split_seed"), (data, "cache"), (data, "cache_dir"), (model, "spatial_dims"),
+                         (cfg, "seed")):
             if key in src and src[key] is not None:
-                values[name] = src[key]
+                values[key] = src[key]
         if values.get("cache") != "disk":
             values.pop("cache_dir", None)
         known = {f.name for f in fields(cls)}

@@ -47,7 +47,13 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-from medseg_core.data.fingerprint import SCHEME_CT, SCHEME_NONZERO, check_plan, scheme_for_modality
+from medseg_core.data.fingerprint import (
+    SCHEME_CT,
+    SCHEME_NONZERO,
+    canonical_modality,
+    check_plan,
+    scheme_for_modality,
+)
 
 IMAGE, LABEL = "image", "label"
 FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
@@ -77,6 +83,8 @@ def augmentation_settings(cfg: Mapping[str, Any] | None = None) -> dict[str, dic
     for group, values in (cfg or {}).items():
         if group not in out:
             raise ValueError(f"unknown transforms setting {group!r}; expected one of {sorted(out)}")
+        if values is not None and not isinstance(values, Mapping):
+            raise ValueError(f"transforms.{group} must be a mapping of settings, got {values!r}")
         for key, value in (values or {}).items():
             if key not in out[group]:
                 raise ValueError(f"unknown transforms setting {group}.{key}; expected one of {sorted(out[group])}")
@@ -141,8 +149,7 @@ def channel_normalization(plan: Mapping[str, Any],
     out = []
     for c, name in enumerate(names):
         entries = norm[str(c)]
-        by_upper = {k.upper(): v for k, v in entries.items()}
-        entry = entries.get(name) or by_upper.get(name.upper())
+        entry = entries.get(canonical_modality(name))
         if scheme_for_modality(name) == SCHEME_CT:
             if entry is None or entry.get("scheme") != SCHEME_CT:
                 raise ValueError(f"channel {c} is {name} here, but the plan has no CT statistics for channel {c} "

@@ -95,10 +95,12 @@ def test_crop_centres_are_subsampled_fg_and_bg_voxels():
 def test_positive_only_crops_always_contain_foreground(sites, plan):
     site = sites[1]
     cfg = {"crop": {"pos": 1.0, "neg": 0.0, "num_samples": 4}, "affine": {"prob": 0.0}}
-    tf = build_transforms(plan, train=True, cfg=cfg, modalities=site.channel_names)
+    small = {**plan, "patch_size": [16, 16, 16]}  # an eighth of the volume: centres matter
+    tf = build_transforms(small, train=True, cfg=cfg, modalities=site.channel_names)
     tf.set_random_state(seed=0)
     for case in site.train_cases:
         for sample in tf(case.as_dict()):
+            assert tuple(sample["label"].shape) == (1, 16, 16, 16)
             assert (sample["label"] > 0).any()
             assert FG_INDICES not in sample and BG_INDICES not in sample
 
@@ -133,6 +135,17 @@ def test_validation_is_deterministic_whole_volume_and_invertible(sites, plan):
     fg_back, fg_orig = back[0].numpy() > 0, original > 0
     dice = 2 * (fg_back & fg_orig).sum() / (fg_back.sum() + fg_orig.sum())
     assert dice > 0.85
+
+
+def test_inference_pipeline_without_label(sites, plan):
+    site = sites[1]
+    case = site.unlabelled_cases[0]
+    tf = build_transforms(plan, train=False, with_label=False, modalities=site.channel_names)
+    out = tf(case.as_dict())
+    assert "label" not in out and out["image"].shape[0] == site.num_channels
+    out["pred"] = (out["image"] > 0).float()
+    back = Invertd(keys="pred", transform=tf, orig_keys="image", nearest_interp=True)(out)["pred"]
+    assert tuple(back.shape[1:]) == case.geometry().shape
 
 
 def test_flipped_affine_input_comes_out_in_ras(tmp_path):
@@ -223,6 +236,7 @@ def test_normalisation_errors(sites, plan, ct_plan):
         ({"affine": {"rotate": 10}}, r"affine\.rotate"),
         ({"crop": {"num_samples": 0}}, "num_samples"),
         ({"noise": {"std": -1}}, ">= 0"),
+        ({"flip": 0.5}, "mapping"),
     ],
 )
 def test_bad_augmentation_settings(plan, cfg, match):
