@@ -48,7 +48,8 @@ VARIANTS = {
     "ours bf16": {"channels_last": False, "amp": True, "compile": False},
     "ours channels-last+bf16": {"channels_last": True, "amp": True, "compile": False},
     "ours compile": {"channels_last": False, "amp": False, "compile": True},
-    "ours compile+channels-last+bf16": {"channels_last": True, "amp": True, "compile": True},
+    "ours compile+channels-last": {"channels_last": True, "amp": False, "compile": True},
+    "ours compile+bf16": {"channels_last": False, "amp": True, "compile": True},
 }
 
 

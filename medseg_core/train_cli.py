@@ -134,6 +134,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             pooled = _pooled_eval(val)
             entry["val_dice"] = {name: r["mean_dice"] for name, r in val.items()}
             entry["val_mean_dice"] = float(pooled.get("mean", {}).get("dice", math.nan)) if pooled else math.nan
+            entry["val_class_dice"] = {c: m["dice"]["mean"] for c, m in pooled.get("per_class", {}).items()}
             if entry["val_mean_dice"] > best["dice"]:
                 best = {"dice": entry["val_mean_dice"], "epoch": epoch}
                 save_checkpoint(run_dir / "best.pt", state_dict=model.state_dict(), epoch=epoch,
@@ -142,7 +143,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         save_checkpoint(run_dir / "last.pt", state_dict=model.state_dict(), epoch=epoch,
                         optimizer=optimizer.state_dict(), **ckpt_meta)
         write_json(history, run_dir / "history.json")
-        val_txt = f" val Dice {entry['val_mean_dice']:.4f}" if "val_mean_dice" in entry else ""
+        val_txt = ""
+        if "val_mean_dice" in entry:
+            per_class = " ".join(f"{c} {v:.3f}" for c, v in entry["val_class_dice"].items())
+            val_txt = f" val Dice {entry['val_mean_dice']:.4f} ({per_class})"
         print(f"epoch {epoch}/{epochs} loss {stats['loss']:.4f}{val_txt} ({stats['seconds']:.1f} s)", flush=True)
     history["train_seconds"] = time.perf_counter() - start
     if best["epoch"] is None:  # no validation split anywhere: the last model is the best we know

@@ -1,0 +1,318 @@
+"""One site's share of a round: local training and evaluation, without Flower.
+
+The site does what ``medseg-train`` does over its own cases (same plan, loaders, model, loss and
+engine), starting from the global weights it received, plus what the federated algorithm asks:
+
+* FedProx: ``mu/2 * ||w - w_global||^2`` added to the loss (``train_one_epoch(extra_loss=...)``);
+* SCAFFOLD: the gradient corrected by ``c - c_i`` (``grad_hook``), then ``c_i`` updated (option II);
+* FedBN (``strategy.keep_local: norm``): the normalisation weights are the site's own, loaded from and
+  saved to its state folder; they are never sent.
+
+Arrays cross this module as ``{state-dict key: numpy array}``; :mod:`client.app` converts them to and
+from Flower records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from client.site import KEEP_CONTROL_FILES, SiteData, SiteState, test_loader
+from medseg_core.engine import build_optimizer, evaluate, prepare_model, train_one_epoch
+from medseg_core.federation import (
+    EVAL_SECONDS,
+    KEY_LR,
+    NUM_EXAMPLES,
+    NUM_STEPS,
+    SPLIT_TEST,
+    SPLIT_VAL,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    check_arrays,
+    local_keys,
+    round_seed,
+    scaffold_client_update,
+    state_to_numpy,
+)
+from medseg_core.metrics import flat_summary
+from medseg_core.runtime import amp_enabled, resolve_device
+from medseg_core.workflow import build_configured_model, foreground_classes, model_config, roi_size
+
+LOCAL = "local"
+CONTROL = "control"
+
+
+class UpdateError(ValueError):
+    """The weights received from the server do not fit this site's model."""
+
+
+@dataclass(frozen=True)
+class TrainInstructions:
+    """What the server asked for this round.
+
+    Attributes:
+        server_round: round index (1-based).
+        lr: local learning rate for the whole round.
+        local_epochs: passes over the site's training cases.
+        proximal_mu: FedProx's mu (0: plain local training).
+        control: SCAFFOLD's server control variate ``c`` (``None``: not SCAFFOLD).
+    """
+
+    server_round: int
+    lr: float
+    local_epochs: int = 1
+    proximal_mu: float = 0.0
+    control: Mapping[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if self.server_round < 1:
+            raise ValueError(f"server_round must be >= 1, got {self.server_round}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{KEY_LR} must be a positive number, got {self.lr!r}")
+        if self.local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu!r}")
+
+
+@dataclass
+class TrainOutcome:
+    """What the site sends back: weights (never its local keys), metrics, SCAFFOLD's ``c_i+ - c_i``."""
+
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    delta_control: dict[str, np.ndarray] | None = None
+
+
+def build_site_model(cfg: DictConfig, data: SiteData, plan: Mapping[str, Any]) -> torch.nn.Module:
+    """The configured network for this site's data, initialised as the server's (same seed)."""
+    kwargs = model_config(
+        cfg.model, in_channels=data.site.num_channels, out_channels=data.site.num_classes, plan=plan
+    )
+    torch.manual_seed(int(cfg.seed))
+    return build_configured_model(kwargs)
+
+
+def load_weights(
+    model: torch.nn.Module,
+    received: Mapping[str, np.ndarray],
+    keep_local: list[str],
+    local: Mapping[str, np.ndarray] | None,
+) -> list[str]:
+    """Load the global weights, and the site's own values for its local keys.
+
+    Args:
+        model: the site's network (modified in place).
+        received: arrays from the server; must cover every key that is not local.
+        keep_local: keys the site keeps (values in ``received`` for them are ignored).
+        local: the site's saved values for ``keep_local`` (``None``: keep the initial values).
+
+    Returns:
+        The keys taken from ``received`` (what the site will send back after training).
+
+    Raises:
+        UpdateError: missing or unexpected keys, wrong shapes, or NaN/Inf values.
+    """
+    state = model.state_dict()
+    local_set = set(keep_local)
+    shared = [k for k in state if k not in local_set]
+    incoming = {k: v for k, v in received.items() if k not in local_set}
+    problems = check_arrays(incoming, {k: tuple(state[k].shape) for k in shared}, what="global model")
+    if problems:
+        raise UpdateError("; ".join(problems))
+    new_state = {k: torch.as_tensor(np.asarray(v)).to(state[k].dtype) for k, v in incoming.items()}
+    if local:
+        problems = check_arrays(
+            {k: v for k, v in local.items() if k in local_set},
+            {k: tuple(state[k].shape) for k in keep_local},
+            what="saved local state",
+        )
+        if problems:
+            raise UpdateError("; ".join(problems))
+        new_state.update({k: torch.as_tensor(np.asarray(local[k])).to(state[k].dtype) for k in keep_local})
+    model.load_state_dict(new_state, strict=False)
+    return shared
+
+
+def _proximal(global_params: dict[str, torch.Tensor], mu: float):
+    """FedProx's term ``mu/2 * sum ||w - w_global||^2`` over the shared trainable parameters."""
+
+    def extra_loss(model: torch.nn.Module) -> torch.Tensor:
+        terms = [
+            (p - global_params[n]).pow(2).sum() for n, p in model.named_parameters() if n in global_params
+        ]
+        return 0.5 * mu * torch.stack(terms).sum()
+
+    return extra_loss
+
+
+def _scaffold_hook(correction: dict[str, torch.Tensor]):
+    """SCAFFOLD's corrected gradient ``g + c - c_i`` (called after backward, before clipping)."""
+
+    def grad_hook(model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if p.grad is not None and name in correction:
+                p.grad.add_(correction[name])
+
+    return grad_hook
+
+
+def train_round(
+    cfg: DictConfig,
+    data: SiteData,
+    plan: Mapping[str, Any],
+    received: Mapping[str, np.ndarray],
+    instructions: TrainInstructions,
+    state: SiteState,
+) -> TrainOutcome:
+    """Train the site's model for one round.
+
+    Args:
+        cfg: the run config (model, loss, optim, train, strategy.keep_local, seed).
+        data: the site's loaders (:func:`client.site.site_data`).
+        plan: the federated plan.
+        received: global weights (the shared keys).
+        instructions: this round's learning rate, epochs, FedProx mu, SCAFFOLD control variate.
+        state: the site's state files for this run.
+
+    Returns:
+        The trained shared weights, metrics (``num-examples`` = training cases) and, for SCAFFOLD,
+        ``c_i+ - c_i``.
+
+    Raises:
+        UpdateError: unusable global weights. FloatingPointError: training diverged.
+    """
+    device = resolve_device(cfg.device)
+    amp = amp_enabled(cfg.train.amp, device)
+    r = instructions.server_round
+    model = build_site_model(cfg, data, plan)
+    keep = local_keys(model, cfg.strategy.get("keep_local"))
+    shared = load_weights(model, received, keep, state.load(LOCAL, r) if keep else None)
+    model = prepare_model(
+        model, device, channels_last=bool(cfg.train.channels_last), spatial_dims=int(cfg.model.spatial_dims)
+    )
+    x = state_to_numpy({k: v for k, v in model.state_dict().items() if k in set(shared)})
+
+    seed = round_seed(int(cfg.seed), r, data.site.name)
+    torch.manual_seed(seed)
+    data.reseed(seed)
+    loss_fn = hydra.utils.instantiate(cfg.loss)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    for group in optimizer.param_groups:
+        group["lr"] = float(instructions.lr)
+
+    extra_loss = None
+    if instructions.proximal_mu > 0:
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(shared)}
+        extra_loss = _proximal(params, float(instructions.proximal_mu))
+    grad_hook, c_i = None, None
+    if instructions.control is not None:
+        control = {k: np.asarray(v) for k, v in instructions.control.items()}
+        problems = check_arrays(control, {k: x[k].shape for k in control if k in x}, what="SCAFFOLD control")
+        if problems or not set(control) <= set(x):
+            raise UpdateError("; ".join(problems) or "SCAFFOLD control variate names keys the model lacks")
+        c_i = state.load(CONTROL, r) or {k: np.zeros_like(v) for k, v in control.items()}
+        grad_hook = _scaffold_hook({k: torch.as_tensor(control[k] - c_i[k]).to(device) for k in control})
+
+    losses, steps, seconds = [], 0, 0.0
+    for epoch in range(instructions.local_epochs):
+        stats = train_one_epoch(
+            model,
+            data.loaders.train,
+            loss_fn,
+            optimizer,
+            device=device,
+            grad_clip_norm=cfg.train.grad_clip_norm,
+            amp=amp,
+            channels_last=bool(cfg.train.channels_last),
+            extra_loss=extra_loss,
+            grad_hook=grad_hook,
+            desc=f"{data.site.name} round {r} epoch {epoch + 1}",
+        )
+        losses.append(stats["loss"])
+        steps += int(stats["num_steps"])
+        seconds += float(stats["seconds"])
+
+    trained = state_to_numpy(model.state_dict())
+    if keep:
+        state.save(LOCAL, r, {k: trained[k] for k in keep})
+    delta = None
+    if instructions.control is not None:
+        assert c_i is not None
+        c_plus, delta = scaffold_client_update(
+            c_i, instructions.control, x, trained, max(steps, 1), float(instructions.lr)
+        )
+        state.save(CONTROL, r, c_plus, keep=KEEP_CONTROL_FILES)
+    metrics = {
+        NUM_EXAMPLES: data.num_train_cases,
+        TRAIN_LOSS: float(np.mean(losses)),
+        NUM_STEPS: steps,
+        TRAIN_SECONDS: seconds,
+    }
+    return TrainOutcome({k: trained[k] for k in shared}, metrics, delta)
+
+
+def evaluate_round(
+    cfg: DictConfig,
+    data: SiteData,
+    plan: Mapping[str, Any],
+    received: Mapping[str, np.ndarray],
+    *,
+    split: str,
+    server_round: int,
+    state: SiteState,
+) -> dict[str, float]:
+    """Evaluate the global model (with the site's own local weights, if any) on a split of the site.
+
+    Args:
+        split: ``"val"`` (the held-out part of the training cases, for model selection) or ``"test"``
+            (``imagesTs``).
+        server_round: the round whose local state pairs with ``received`` (FedBN).
+
+    Returns:
+        :func:`medseg_core.metrics.flat_summary` of the cases (``dice``, ``hd95`` (mm), ``iou``, ``nsd``,
+        per class ``dice/<class>`` ...), ``num-examples`` = number of evaluated cases (0 and no metric
+        when the split is empty) and ``eval-seconds``.
+
+    Raises:
+        ValueError: unknown split. UpdateError: unusable weights.
+    """
+    if split not in (SPLIT_VAL, SPLIT_TEST):
+        raise ValueError(f"split must be {SPLIT_VAL!r} or {SPLIT_TEST!r}, got {split!r}")
+    loader = data.loaders.val if split == SPLIT_VAL else test_loader(data, plan)
+    if loader is None:
+        return {NUM_EXAMPLES: 0, EVAL_SECONDS: 0.0}
+    device = resolve_device(cfg.device)
+    model = build_site_model(cfg, data, plan)
+    keep = local_keys(model, cfg.strategy.get("keep_local"))
+    load_weights(model, received, keep, state.load(LOCAL, server_round + 1) if keep else None)
+    model = prepare_model(
+        model, device, channels_last=bool(cfg.train.channels_last), spatial_dims=int(cfg.model.spatial_dims)
+    )
+    spatial_dims = int(cfg.model.spatial_dims)
+    ev = cfg.eval
+    result = evaluate(
+        model,
+        loader,
+        device=device,
+        roi_size=roi_size(plan, spatial_dims),
+        class_values=foreground_classes(data.site.labels),
+        sw_batch_size=int(ev.sw_batch_size),
+        overlap=float(ev.overlap),
+        mode=str(ev.mode),
+        amp=amp_enabled(cfg.train.amp, device),
+        nsd_tolerance_mm=float(ev.nsd_tolerance_mm),
+        hd95=bool(ev.hd95),
+        model_spatial_dims=spatial_dims,
+    )
+    metrics = flat_summary(result["aggregate"])
+    metrics[NUM_EXAMPLES] = int(result["num_cases"])
+    metrics[EVAL_SECONDS] = float(result["seconds"])
+    return metrics

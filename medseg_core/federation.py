@@ -1,0 +1,403 @@
+"""What the Flower server and the site clients agree on, without Flower.
+
+``server/`` (the ServerApp) and ``client/`` (the ClientApp) never import each other; the message
+protocol they share is defined once, here: record and key names, metric names, node-config keys, and
+the pure functions both sides compute (SCAFFOLD's control-variate algebra, reply checks, case-weighted
+metric aggregation). Nothing here imports ``flwr``.
+
+Protocol, one run::
+
+    round 0   server -> every node   query.fingerprint   config: config-hash, run-name
+              site   -> server       fingerprint (aggregates only, JSON), site-name
+              server merges the fingerprints into plan.json (medseg_core.data.fingerprint)
+    round r   server -> sampled      train      arrays, config: config-hash, run-name, plan, lr, local-epochs,
+                                                server-round [, proximal-mu] [, scaffold-control arrays]
+              site   -> server       arrays (keys received minus the site's local keys), metrics
+                                     (num-examples = training *cases*), site-name [, scaffold-delta-control]
+              server -> sampled      evaluate   arrays, config: ... split=val
+              site   -> server       metrics (num-examples = evaluated cases; dice, hd95, ...), site-name
+    final     server -> every node   evaluate   best global arrays, split=test
+
+Kebab-case is used for every key that travels (Flower's convention); Python names are snake_case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medseg_core import metrics
+from medseg_core.config import config_hash
+
+# --------------------------------------------------------------------------------------------------
+# records in a message's RecordDict
+
+#: ArrayRecord with model weights (Flower strategies' default ``arrayrecord_key``)
+ARRAYS = "arrays"
+#: ConfigRecord with the round's instructions (Flower strategies' default ``configrecord_key``)
+CONFIG = "config"
+#: MetricRecord a site reports (exactly one per reply, as Flower's strategies expect)
+METRICS = "metrics"
+#: ConfigRecord in every reply naming the site that answered
+SITE = "site"
+#: ArrayRecord server -> site: SCAFFOLD's server control variate ``c``
+SCAFFOLD_CONTROL = "scaffold-control"
+#: ArrayRecord site -> server: SCAFFOLD's ``c_i+ - c_i``
+SCAFFOLD_DELTA_CONTROL = "scaffold-delta-control"
+
+#: custom query action of round 0 (message type ``query.fingerprint``)
+FINGERPRINT_ACTION = "fingerprint"
+
+# ConfigRecord keys, server -> site
+KEY_SERVER_ROUND = "server-round"  # injected by Flower's strategies
+KEY_CONFIG_HASH = "config-hash"
+KEY_RUN_NAME = "run-name"
+KEY_PLAN = "plan"  # the federated plan, JSON text
+KEY_LR = "lr"
+KEY_LOCAL_EPOCHS = "local-epochs"
+KEY_PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx sends
+KEY_SPLIT = "split"
+SPLIT_VAL = "val"
+SPLIT_TEST = "test"
+SPLITS = (SPLIT_VAL, SPLIT_TEST)
+
+# ConfigRecord keys, site -> server
+KEY_SITE_NAME = "site-name"
+KEY_NOTE = "note"  # round 0: something the server should show the user (e.g. sites not simulated)
+KEY_FINGERPRINT = "fingerprint"  # the site's fingerprint, JSON text (aggregates only, no voxel)
+
+# MetricRecord keys
+NUM_EXAMPLES = "num-examples"  # training cases (train) or evaluated cases (evaluate); never batches
+TRAIN_LOSS = "train-loss"
+NUM_STEPS = "num-steps"
+TRAIN_SECONDS = "train-seconds"
+EVAL_SECONDS = "eval-seconds"
+EVAL_LOSS = "eval-loss"
+# evaluation metrics: medseg_core.metrics' names (foreground mean; per class "<metric>/<class>", and
+# "<metric>/<class>/n" the number of cases behind it), see medseg_core.metrics.flat_summary
+DICE, HD95, IOU, NSD = metrics.DICE, metrics.HD95, metrics.IOU, metrics.NSD
+
+# node config keys (``flower-supernode --node-config``; Flower sets the two partition keys in simulation)
+NODE_SITE_DIR = "site-dir"
+NODE_STATE_DIR = "state-dir"
+NODE_SITE_ID = "site-id"
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+#: config keys that may change when a run is resumed (everything else must match the stored run)
+RESUME_FREE_KEYS = ("fl.resume", "fl.num_rounds")
+#: config keys naming folders on one machine; they may differ between the server and the sites
+SITE_LOCAL_KEYS = ("data.root", "data.cache_dir", "fl.state_dir")
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_safe_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is safe as a single path component (letters, digits, ``._-``).
+
+    Raises:
+        ValueError: anything else (a name received over the network must not walk the file system).
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise ValueError(f"{what} {name!r} is not a safe name (letters, digits, '.', '_', '-'; at most 128)")
+    return name
+
+
+def dumps(obj: Any) -> str:
+    """Compact, key-sorted JSON for ConfigRecord values (plans, fingerprints)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def loads(text: str, what: str) -> dict[str, Any]:
+    """Parse a JSON object received in a message.
+
+    Raises:
+        ValueError: not JSON, or not an object (naming ``what``).
+    """
+    try:
+        obj = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _hash_without(cfg: DictConfig, dotted_keys: Iterable[str]) -> str:
+    """:func:`medseg_core.config.config_hash` with ``dotted_keys`` blanked *before* interpolations are
+    resolved (so values derived from them, e.g. ``train.epochs: ${fl.num_rounds}``, are blanked too)."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(container, dict)
+    for dotted in dotted_keys:
+        node: Any = container
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = None
+    return config_hash(OmegaConf.create(container))
+
+
+def protocol_hash(cfg: DictConfig) -> str:
+    """The ``config-hash`` the server sends and every site compares with its own.
+
+    The resolved config without ``paths`` and without :data:`SITE_LOCAL_KEYS` (folders that differ from
+    machine to machine by design, e.g. ``data.cache_dir`` from ``$MEDSEG_CACHE_DIR``): what must match is
+    what is trained and how, not where each party keeps its files.
+    """
+    return _hash_without(cfg, SITE_LOCAL_KEYS)
+
+
+def resume_identity(cfg: DictConfig) -> str:
+    """Hash of the configuration a resumed run must share with the stored one.
+
+    :func:`protocol_hash`, also ignoring :data:`RESUME_FREE_KEYS`: ``fl.resume`` itself, and
+    ``fl.num_rounds`` (and what is derived from it) so a finished run can be extended.
+    """
+    return _hash_without(cfg, (*SITE_LOCAL_KEYS, *RESUME_FREE_KEYS))
+
+
+# --------------------------------------------------------------------------------------------------
+# which weights travel
+
+
+def parameter_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the trainable parameters (not buffers), in state-dict order."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return [k for k in model.state_dict() if k in names]
+
+
+_NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def norm_state_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of every normalisation layer (affine weights, biases, running statistics).
+
+    FedBN keeps exactly these at each site. Covers BatchNorm/InstanceNorm (``_NormBase``), GroupNorm
+    and LayerNorm, whatever the model family.
+    """
+    keys: list[str] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            for name in module.state_dict():
+                keys.append(f"{prefix}.{name}" if prefix else name)
+    order = {k: i for i, k in enumerate(model.state_dict())}
+    return sorted((k for k in keys if k in order), key=order.__getitem__)
+
+
+def local_keys(model: torch.nn.Module, keep_local: str | None) -> list[str]:
+    """Keys a site never sends, for the ``strategy.keep_local`` setting (``None`` or ``"norm"``).
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    if keep_local in (None, "", "none"):
+        return []
+    if keep_local == "norm":
+        return norm_state_keys(model)
+    raise ValueError(f"strategy.keep_local must be null or 'norm', got {keep_local!r}")
+
+
+def state_to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A torch state dict as NumPy arrays on the CPU (copies)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+
+
+def check_arrays(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, Sequence[int]], what: str = "update"
+) -> list[str]:
+    """Problems that make a received set of arrays unusable (empty list: usable).
+
+    Args:
+        arrays: key -> array, as received.
+        expected: key -> shape the receiver expects (exactly these keys).
+        what: name used in the messages.
+
+    Returns:
+        One message per problem: missing or unexpected keys, wrong shapes, NaN/Inf values.
+    """
+    problems: list[str] = []
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing:
+        problems.append(f"{what} lacks {len(missing)} array(s), e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{what} has {len(extra)} unexpected array(s), e.g. {extra[:3]}")
+    for key in sorted(set(arrays) & set(expected)):
+        value = np.asarray(arrays[key])
+        if tuple(value.shape) != tuple(expected[key]):
+            problems.append(
+                f"{what} array {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key])}"
+            )
+        elif value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            problems.append(f"{what} array {key!r} holds {bad} NaN/Inf value(s)")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """Mean of ``values`` weighted by ``weights``, ignoring NaN values (NaN if none is left).
+
+    Raises:
+        ValueError: different lengths or a negative weight.
+    """
+    if len(values) != len(weights):
+        raise ValueError(f"{len(values)} values but {len(weights)} weights")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0, got {list(weights)}")
+    pairs = [(float(v), float(w)) for v, w in zip(values, weights, strict=True) if math.isfinite(float(v))]
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        return math.nan
+    return math.fsum(v * w for v, w in pairs) / total
+
+
+def aggregate_by_cases(
+    per_site: Mapping[str, Mapping[str, float]], weight_key: str = NUM_EXAMPLES
+) -> dict[str, float]:
+    """Aggregate per-site metrics, each site weighted by its number of cases, NaN-aware.
+
+    Args:
+        per_site: site -> ``{metric: value, weight_key: cases}``.
+        weight_key: the key holding the number of cases.
+
+    Returns:
+        ``{metric: weighted mean}`` over every metric any site reported, plus ``weight_key``: the total.
+        Counts (keys ending in ``/n``: cases behind a class mean) are summed, not averaged.
+    """
+    keys = sorted({k for m in per_site.values() for k in m if k != weight_key})
+    out: dict[str, float] = {}
+    for key in keys:
+        rows = [(m[key], m.get(weight_key, 0)) for m in per_site.values() if key in m]
+        if key.endswith("/n"):
+            out[key] = float(sum(r[0] for r in rows if math.isfinite(float(r[0]))))
+        else:
+            out[key] = weighted_mean([r[0] for r in rows], [r[1] for r in rows])
+    out[weight_key] = float(sum(m.get(weight_key, 0) for m in per_site.values()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# determinism
+
+
+def round_seed(seed: int, round_idx: int, site: str) -> int:
+    """Seed of a site's local randomness in one round (crops, augmentation, shuffling).
+
+    A pure function of (run seed, round, site), so a resumed run draws exactly what an uninterrupted
+    run draws, whatever process serves the site.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{int(round_idx)}:{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+# --------------------------------------------------------------------------------------------------
+# SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, control-variate option II)
+
+
+def scaffold_client_update(
+    c_i: Mapping[str, np.ndarray],
+    c: Mapping[str, np.ndarray],
+    x: Mapping[str, np.ndarray],
+    y: Mapping[str, np.ndarray],
+    num_steps: int,
+    lr: float,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A site's new control variate after ``num_steps`` local steps of size ``lr``.
+
+    ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` (option II), over the keys of ``c``.
+
+    Args:
+        c_i: the site's control variate before the round.
+        c: the server's control variate received this round.
+        x: the global weights received this round.
+        y: the site's weights after local training.
+        num_steps: K, the number of local optimiser steps taken.
+        lr: the local learning rate.
+
+    Returns:
+        ``(c_i_plus, delta_c_i)`` with ``delta_c_i = c_i_plus - c_i`` (what is sent to the server).
+
+    Raises:
+        ValueError: ``num_steps < 1`` or ``lr <= 0``.
+    """
+    if num_steps < 1 or not lr > 0:
+        raise ValueError(f"SCAFFOLD needs num_steps >= 1 and lr > 0, got {num_steps} and {lr}")
+    scale = 1.0 / (num_steps * lr)
+    c_plus = {k: (c_i[k] - c[k] + (x[k] - y[k]) * scale).astype(c[k].dtype) for k in c}
+    delta = {k: (c_plus[k] - c_i[k]).astype(c[k].dtype) for k in c}
+    return c_plus, delta
+
+
+def scaffold_server_update(
+    x: Mapping[str, np.ndarray],
+    c: Mapping[str, np.ndarray],
+    ys: Sequence[Mapping[str, np.ndarray]],
+    delta_cs: Sequence[Mapping[str, np.ndarray]],
+    num_nodes_total: int,
+    global_lr: float = 1.0,
+    weights: Sequence[float] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The server step of SCAFFOLD over the sites S that replied.
+
+    ``x <- x + eta_g * mean_i(y_i - x)`` and ``c <- c + |S| / N * mean_i(delta_c_i)`` (uniform means, as
+    in the paper; pass ``weights`` for a case-weighted variant).
+
+    Args:
+        x: global weights sent this round (every key of ``ys``).
+        c: server control variate (every key of ``delta_cs``).
+        ys: weights returned by each replying site.
+        delta_cs: ``c_i+ - c_i`` of each replying site (same order).
+        num_nodes_total: N, the number of sites in the federation.
+        global_lr: eta_g.
+        weights: optional non-negative weight per site (default: uniform).
+
+    Returns:
+        ``(x_new, c_new)``.
+
+    Raises:
+        ValueError: no reply, mismatched lengths, or ``num_nodes_total < len(ys)``.
+    """
+    n = len(ys)
+    if n == 0 or len(delta_cs) != n:
+        raise ValueError(
+            f"SCAFFOLD needs at least one reply with a control update, got {n} and {len(delta_cs)}"
+        )
+    if num_nodes_total < n:
+        raise ValueError(f"num_nodes_total={num_nodes_total} is smaller than the {n} replies")
+    w = (
+        np.full(n, 1.0 / n)
+        if weights is None
+        else np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    )
+    x_new = {
+        k: (x[k] + global_lr * sum(wi * (y[k] - x[k]) for wi, y in zip(w, ys, strict=True))).astype(
+            x[k].dtype
+        )
+        for k in ys[0]
+    }
+    x_new = {**{k: v for k, v in x.items() if k not in x_new}, **x_new}
+    frac = n / num_nodes_total
+    c_new = {
+        k: (c[k] + frac * sum(wi * d[k] for wi, d in zip(w, delta_cs, strict=True))).astype(c[k].dtype)
+        for k in c
+    }
+    return x_new, c_new
+
+
+def zeros_like(arrays: Mapping[str, np.ndarray], keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Zero arrays with the shapes and dtypes of ``arrays`` (only ``keys`` when given)."""
+    keys = list(arrays) if keys is None else list(keys)
+    return {k: np.zeros_like(arrays[k]) for k in keys}

@@ -1,0 +1,167 @@
+"""The site side without Flower's runtime: which site a node is, its state files, local training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fl_helpers import run_config
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import ConfigMismatchError
+from client.app import app as client_app
+from client.local import (
+    CONTROL,
+    LOCAL,
+    TrainInstructions,
+    UpdateError,
+    build_site_model,
+    load_weights,
+    train_round,
+)
+from client.site import SiteConfigError, SiteState, resolve_site, site_data
+from medseg_core.config import load_config
+from medseg_core.data.dataset import load_site
+from medseg_core.data.fingerprint import plan_federation
+from medseg_core.data.source import ensure_data_root
+from medseg_core.federation import CONFIG, FINGERPRINT_ACTION, KEY_CONFIG_HASH, KEY_RUN_NAME, norm_state_keys
+from server.inprocess import InProcessGrid
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("fl-client")
+    cfg = load_config(run_config(cache))
+    root = ensure_data_root(cfg.data)
+    ref = resolve_site(cfg, {"partition-id": 0, "num-partitions": 2})
+    data = site_data(ref, cfg, _plan_of(load_site(ref.data_dir)))
+    return cache, cfg, root, ref, data
+
+
+def _plan_of(site):
+    return plan_federation([site])[2]
+
+
+def test_simulated_partitions_map_to_sites_and_deployments_name_their_folder(setup, tmp_path):
+    cache, cfg, root, _ref, _data = setup
+    refs = [resolve_site(cfg, {"partition-id": i, "num-partitions": 2}) for i in range(2)]
+    assert [r.name for r in refs] == ["site_00", "site_01"] and not refs[0].note
+    assert refs[1].state_root == cache / "site-state" / "site_01"
+    one = resolve_site(cfg, {"partition-id": 0, "num-partitions": 1})
+    assert "site_01" in one.note and "num-supernodes=2" in one.note
+    with pytest.raises(SiteConfigError, match="only 2 site"):
+        resolve_site(cfg, {"partition-id": 2, "num-partitions": 3})
+    dep = resolve_site(
+        cfg, {"site-dir": str(root / "site_01"), "state-dir": str(tmp_path / "st"), "site-id": "hospital_b"}
+    )
+    assert (dep.name, dep.data_dir, dep.state_root) == ("hospital_b", root / "site_01", tmp_path / "st")
+    with pytest.raises(SiteConfigError, match="is not a folder"):
+        resolve_site(cfg, {"site-dir": str(tmp_path / "nope")})
+    with pytest.raises(SiteConfigError, match="names no site"):
+        resolve_site(cfg, {})
+    with pytest.raises(ValueError, match="not a safe name"):
+        resolve_site(cfg, {"site-dir": str(root / "site_01"), "site-id": "../x"})
+
+
+def test_site_state_reads_the_newest_round_before_the_current_one(tmp_path):
+    state = SiteState(tmp_path, "run-1")
+    assert state.load(LOCAL, 5) is None
+    for r in (1, 2, 3):
+        state.save(CONTROL, r, {"c": np.full(2, float(r))}, keep=2)
+    assert sorted(p.name for p in state.dir.iterdir()) == ["control_0002.pt", "control_0003.pt"]
+    np.testing.assert_array_equal(state.load(CONTROL, 3)["c"], [2.0, 2.0])  # round 3 reads round 2's
+    np.testing.assert_array_equal(state.load(CONTROL, 9)["c"], [3.0, 3.0])
+    with pytest.raises(ValueError):
+        SiteState(tmp_path, "../escape")
+
+
+def test_the_client_refuses_a_server_with_another_configuration(setup):
+    cache, _cfg, _root, _ref, _data = setup
+    rc = run_config(cache)
+    InProcessGrid([client_app], [{}])  # sets the message identity
+    msg = Message(
+        RecordDict({CONFIG: ConfigRecord({KEY_CONFIG_HASH: "0123456789abcdef", KEY_RUN_NAME: "r"})}),
+        dst_node_id=5,
+        message_type=f"{MessageType.QUERY}.{FINGERPRINT_ACTION}",
+    )
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=rc,
+    )
+    with pytest.raises(ConfigMismatchError, match="configuration mismatch"):
+        client_app._registered_funcs[f"query.{FINGERPRINT_ACTION}"](msg, context)
+
+
+def test_received_weights_are_checked_and_local_keys_kept(setup):
+    _cache, cfg, _root, _ref, data = setup
+    plan = _plan_of(data.site)
+    model = build_site_model(cfg, data, plan)
+    state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    norm = norm_state_keys(model)
+    shared = load_weights(model, state, norm, {k: state[k] + 1 for k in norm})
+    assert set(shared) == set(state) - set(norm)
+    assert torch.equal(model.state_dict()[norm[0]], torch.as_tensor(state[norm[0]] + 1))
+    bad = dict(state)
+    bad[shared[0]] = np.zeros(7, np.float32)
+    with pytest.raises(UpdateError, match="shape"):
+        load_weights(model, bad, [], None)
+    missing = {k: v for k, v in state.items() if k != shared[-1]}
+    with pytest.raises(UpdateError, match="lacks 1"):
+        load_weights(model, missing, [], None)
+
+
+def _distance(a, b, keys):
+    return float(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
+
+
+def test_fedprox_term_keeps_the_site_close_to_the_global_model(setup, tmp_path):
+    _cache, cfg, _root, _ref, data = setup
+    plan = _plan_of(data.site)
+    model = build_site_model(cfg, data, plan)
+    glob = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    keys = [n for n, _ in model.named_parameters()]
+    # several steps: the proximal gradient mu * (w - w_global) is zero at the first one
+    free = train_round(
+        cfg, data, plan, glob, TrainInstructions(1, lr=0.05, local_epochs=6), SiteState(tmp_path, "a")
+    )
+    prox = train_round(
+        cfg,
+        data,
+        plan,
+        glob,
+        TrainInstructions(1, lr=0.05, local_epochs=6, proximal_mu=1e4),
+        SiteState(tmp_path, "b"),
+    )
+    assert free.metrics["num-examples"] == prox.metrics["num-examples"] == data.num_train_cases
+    assert _distance(prox.arrays, glob, keys) < 0.2 * _distance(free.arrays, glob, keys)
+    again = train_round(
+        cfg, data, plan, glob, TrainInstructions(1, lr=0.05, local_epochs=6), SiteState(tmp_path, "c")
+    )
+    for k in free.arrays:  # the same round at the same site draws the same crops
+        np.testing.assert_array_equal(free.arrays[k], again.arrays[k])
+
+
+def test_scaffold_site_update_and_state(setup, tmp_path):
+    _cache, cfg, _root, _ref, data = setup
+    plan = _plan_of(data.site)
+    model = build_site_model(cfg, data, plan)
+    glob = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    params = [n for n, _ in model.named_parameters()]
+    control = {k: np.zeros_like(glob[k]) for k in params}
+    state = SiteState(tmp_path, "s")
+    out = train_round(cfg, data, plan, glob, TrainInstructions(1, lr=0.01, control=control), state)
+    steps = int(out.metrics["num-steps"])
+    c_plus = state.load(CONTROL, 2)
+    assert set(c_plus) == set(params) and set(out.delta_control) == set(params)
+    for k in params:  # c = c_i = 0: c_i+ = (x - y) / (K lr), and the site sends c_i+ - c_i
+        np.testing.assert_allclose(
+            c_plus[k], (glob[k] - out.arrays[k]) / (steps * 0.01), rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(out.delta_control[k], c_plus[k], rtol=1e-6)
+    with pytest.raises(ValueError):
+        TrainInstructions(0, lr=0.1)
+    with pytest.raises(ValueError):
+        TrainInstructions(1, lr=float("nan"))

@@ -1,0 +1,41 @@
+"""`medseg-compare`: federated runs next to pooled and local-only baselines trained on the same settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fl_helpers import run_config, run_inprocess
+
+from server.compare import LOCAL, POOLED, compare, main, markdown_table, summarise
+
+
+def test_summary_is_mean_and_sd_over_seeds_per_site():
+    rows = [
+        {"method": "fedavg", "seed": 0, "dice": {"a": 0.5, "b": 0.7}},
+        {"method": "fedavg", "seed": 1, "dice": {"a": 0.7, "b": 0.9}},
+    ]
+    s = summarise(rows)["fedavg"]
+    assert s["a"]["mean"] == pytest.approx(0.6) and s["a"]["sd"] == pytest.approx(0.1414, abs=1e-3)
+    assert s["mean"]["mean"] == pytest.approx(0.7) and s["mean"]["n"] == 2
+    assert "0.600 ± 0.141" in markdown_table(summarise(rows))
+
+
+def test_compare_trains_pooled_and_local_baselines_next_to_the_federated_run(tmp_path):
+    fed = tmp_path / "fedavg"
+    run_inprocess(run_config(tmp_path / "cache", fed, "fl.num_rounds=1 fl.local_epochs=1"))
+    result = compare([fed], tmp_path / "cmp", log=lambda s: None)
+    methods = [r["method"] for r in result["rows"]]
+    assert methods == ["fedavg", POOLED, LOCAL]
+    for row in result["rows"]:
+        assert set(row["dice"]) == {"site_00", "site_01"}
+        assert all(0.0 <= v <= 1.0 for v in row["dice"].values())
+    for name in ("comparison.json", "comparison.md", "comparison.png"):
+        assert (tmp_path / "cmp" / name).is_file()
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["sites"] == ["site_00", "site_01"]
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| fedavg |" in table and f"| {POOLED} |" in table and f"| {LOCAL} |" in table
+    # each baseline trained as many epochs as the federated run had rounds x local epochs
+    history = json.loads((tmp_path / "cmp" / f"{POOLED}-seed0" / "history.json").read_text())
+    assert len(history["epochs"]) == 1
+    assert main(["--federated", str(tmp_path / "missing")]) == 1

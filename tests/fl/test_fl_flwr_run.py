@@ -1,0 +1,102 @@
+"""`flwr run` end to end: Flower's own simulation runtime (local SuperLink, Ray), the tiny experiment.
+
+Flower's CLI starts a local SuperLink that outlives the command; the fixture gives it its own
+``FLWR_HOME`` and ports and stops exactly the processes it started. Nothing is installed at run time
+(``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from server.run_files import RunFiles
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_with(marker: str) -> list[int]:
+    """Processes whose command line contains ``marker`` (a path unique to this test)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def flwr_env(tmp_path):
+    """Environment for `flwr run` isolated in ``tmp_path``; stops the local SuperLink afterwards."""
+    home = tmp_path / "flwr-home"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "MEDSEG_CACHE_DIR": str(tmp_path / "cache"),
+        "RAY_DEDUP_LOGS": "0",
+    }
+    yield env
+    for pid in _pids_with(str(home)):  # the SuperLink (its log file is under FLWR_HOME) and its group
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="Flower CLI not installed")
+def test_flwr_run_trains_the_tiny_federation_and_writes_the_run_directory(flwr_env, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        "flwr",
+        "run",
+        str(REPO),
+        "--stream",
+        "--run-config",
+        f"experiment='fl_smoke' overrides='paths.run_dir={run_dir}'",
+        "--federation-config",
+        "num-supernodes=2 client-resources-num-cpus=1",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=flwr_env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "round 0: 2 site(s) enrolled" in out, out
+    for r in (1, 2):
+        line = next((ln for ln in out.splitlines() if f"round {r}/2" in ln), "")
+        assert "val Dice site_00" in line and "site_01" in line, out
+    assert "done: best round" in out, out
+    files = RunFiles(run_dir)
+    for path in (
+        files.resolved_config,
+        files.plan,
+        files.best,
+        files.history,
+        files.dice_plot,
+        files.loss_plot,
+        files.report,
+        files.round_checkpoint(1),
+        files.round_checkpoint(2),
+    ):
+        assert path.is_file(), path
+    history = json.loads(files.history.read_text())
+    assert history["status"] == "completed" and set(history["test"]["sites"]) == {"site_00", "site_01"}
