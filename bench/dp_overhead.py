@@ -6,7 +6,8 @@
 
 Every variant trains its own copy of the same DP-compatible model (``dp_compatible=True``) on the same
 batch with the same step (zero_grad, forward, per-sample Dice+CE, backward, optimiser step), timed
-*interleaved* in one process (round-robin, median per variant) so that machine noise hits all alike:
+*interleaved* in one process (round-robin, median per variant) so that machine noise hits all alike;
+on the CPU the process' CPU time per step is compared (robust to other jobs on a shared machine):
 
 * ``non-DP``: plain SGD;
 * ``DP hooks`` / ``DP functorch``: stock Opacus 1.6 ``GradSampleModule`` + ``DPOptimizer``;
@@ -153,16 +154,21 @@ def bench_case(name: str, spec: dict, shape: tuple[int, ...], rounds: int, varia
             failed[v] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:140]}"
             runners.pop(v, None)
             print(f"{name}: {v} failed: {failed[v]}", file=sys.stderr)
+    # on the CPU the process' CPU time is measured: other jobs on a shared machine delay a step (wall time)
+    # but do not change the work it does; on CUDA, wall time after synchronising
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {v: [] for v in runners}
+    walls: dict[str, list[float]] = {v: [] for v in runners}
     for _ in range(rounds):
         for v, r in runners.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0, w0 = clock(), time.perf_counter()
             r.step(image, label)
             _sync(device)
-            times[v].append(time.perf_counter() - t0)
+            times[v].append(clock() - t0)
+            walls[v].append(time.perf_counter() - w0)
     return {"case": name, "batch": list(shape), "params": sum(p.numel() for p in base.parameters()),
-            "runners": runners, "times": times, "failed": failed, "image": image, "label": label}
+            "runners": runners, "times": times, "walls": walls, "failed": failed, "image": image, "label": label}
 
 
 def memory_probe(name: str, shape: tuple[int, ...], variants: list[str], device: torch.device) -> dict:
@@ -192,7 +198,7 @@ def measure_memory(name: str, shape: tuple[int, ...], variants: list[str], devic
 
 def summarize(case: dict, memory: dict[str, float | None]) -> dict:
     """Medians and ratios vs non-DP."""
-    runners, times = case.pop("runners"), case.pop("times")
+    runners, times, walls = case.pop("runners"), case.pop("times"), case.pop("walls")
     case.pop("image"), case.pop("label")
     base_t = statistics.median(times["non-DP"]) if "non-DP" in times else float("nan")
     base_m = memory.get("non-DP")
@@ -202,7 +208,8 @@ def summarize(case: dict, memory: dict[str, float | None]) -> dict:
         # ratio of the steps taken in the same round (both saw the same machine load), median over rounds
         ratio = statistics.median(a / b for a, b in zip(times[v], times["non-DP"], strict=True)) \
             if "non-DP" in times else t / base_t
-        rows.append({"variant": v, "s_per_step": t, "time_ratio": ratio, "peak_mb": m,
+        rows.append({"variant": v, "s_per_step": t, "time_ratio": ratio, "peak_mb": m, "seconds": times[v],
+                     "wall_s_per_step": statistics.median(walls[v]),
                      "memory_ratio": (m / base_m) if (m is not None and base_m) else None})
     return {**case, "rows": rows}
 
@@ -211,17 +218,18 @@ def markdown(results: list[dict], command: str, device: torch.device) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.machine()}), {torch.get_num_threads()} torch thread(s)"
     lines = [BEGIN, "", f"Command: `{command}`  ", f"Machine: {where}; torch {torch.__version__}; "
-             f"s/step: median over the interleaved rounds; time ratio: median over rounds of the ratio within a round; memory: rise during one step.", ""]
+             f"{'wall' if device.type == 'cuda' else 'CPU'} s/step: median over the interleaved rounds; time ratio: median over rounds of the ratio within a round; memory: rise during one step.", ""]
     for res in results:
         lines += [f"**{res['case']}** batch {'×'.join(map(str, res['batch']))}, {res['params']:,} parameters", "",
-                  "| variant | s/step | time vs non-DP | peak step memory (MB) | memory vs non-DP |",
-                  "|---|---|---|---|---|"]
+                  "| variant | s/step | time vs non-DP | peak step memory (MB) | memory vs non-DP | wall s/step |",
+                  "|---|---|---|---|---|---|"]
         for r in res["rows"]:
             mem = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
             mratio = "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}×"
-            lines.append(f"| {r['variant']} | {r['s_per_step']:.3f} | **{r['time_ratio']:.2f}×** | {mem} | {mratio} |")
+            lines.append(f"| {r['variant']} | {r['s_per_step']:.3f} | **{r['time_ratio']:.2f}×** | {mem} | {mratio} | "
+                         f"{r['wall_s_per_step']:.3f} |")
         for v, why in res["failed"].items():
-            lines.append(f"| {v} | failed: {why} | | | |")
+            lines.append(f"| {v} | failed: {why} | | | | |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from client.site import KEEP_CONTROL_FILES, SiteData, SiteState, test_loader
+from client.site import KEEP_CONTROL_FILES, SiteData, SiteState, held_out_loader
 from medseg_core.engine import build_optimizer, evaluate, prepare_model, train_one_epoch
 from medseg_core.federation import (
     EVAL_SECONDS,
@@ -286,7 +286,7 @@ def evaluate_round(
     """
     if split not in (SPLIT_VAL, SPLIT_TEST):
         raise ValueError(f"split must be {SPLIT_VAL!r} or {SPLIT_TEST!r}, got {split!r}")
-    loader = data.loaders.val if split == SPLIT_VAL else test_loader(data, plan)
+    loader = data.loaders.val if split == SPLIT_VAL else held_out_loader(data, plan)
     if loader is None:
         return {NUM_EXAMPLES: 0, EVAL_SECONDS: 0.0}
     device = resolve_device(cfg.device)

@@ -39,11 +39,14 @@ Opacus' conversion (Balle et al. 2020, Thm. 21) and with the classic conversion
 PRV accountant (Gopi et al. 2021, upper bound). A round whose steps would take the enforced ε
 (``privacy.accountant``) beyond the budget is declined with :class:`PrivacyBudgetExhausted`.
 
-**Per-sample gradients.** ``grad_sample_mode: fast`` (default) uses Opacus' hooks with our own grad
+**Per-sample gradients.** ``grad_sample_mode: fast`` (default) is Opacus' hooks with our own grad
 samplers for convolutions, transposed convolutions, PReLU and weight-standardised convolutions
-(:data:`FAST_GRAD_SAMPLERS`): the per-sample weight gradient of a convolution is one grouped
-convolution-backward call with the batch folded into the groups, instead of Opacus' im2col ``unfold``
-(5-20x faster per layer, and no ``[B, C*k^d, L]`` buffer). They are exact (tests compare them with
+(:data:`FAST_GRAD_SAMPLERS`) in :class:`FastGradSampleModule`: a convolution's per-sample weight
+gradients come from PyTorch's own convolution backward with the batch folded into channels and groups
+(the fastest of three exact forms, chosen once per layer shape), instead of Opacus' im2col ``unfold``
+(3-20x faster per layer, no ``[B, C*k^d, L]`` buffer), and autograd no longer computes the plain weight
+gradients that DP-SGD throws away. About 1.4x the non-private step instead of 2.2-3.2x
+(``bench/dp_overhead.py``, ``docs/benchmarks.md``). They are exact (tests compare them with
 one-at-a-time autograd in float64), work for any memory layout, and compute in float32 under bf16
 autocast so that clipping stays exact. ``hooks`` and ``functorch`` are stock Opacus.
 """
@@ -100,7 +103,7 @@ DP_EPSILON = "dp-epsilon"  # epsilon spent so far with the enforced accountant (
 DP_EPSILON_RDP = "dp-epsilon-rdp"  # RDP, Opacus' conversion (Balle et al. 2020, Thm. 21)
 DP_EPSILON_RDP_CLASSIC = "dp-epsilon-rdp-classic"  # RDP, classic conversion (Mironov 2017, Prop. 3)
 DP_EPSILON_PRV = "dp-epsilon-prv"  # PRV accountant (Gopi et al. 2021), upper bound
-DP_EPSILON_BUDGET = "dp-epsilon-budget"  # the site's budget (inf: none)
+DP_EPSILON_BUDGET = "dp-epsilon-budget"  # the site's budget (absent: none)
 REPORT_KEYS = (DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_MAX_GRAD_NORM, DP_DELTA, DP_STEPS_ROUND, DP_STEPS_TOTAL,
                DP_EPSILON, DP_EPSILON_RDP, DP_EPSILON_RDP_CLASSIC, DP_EPSILON_PRV, DP_EPSILON_BUDGET)
 #: report key of each accountant's epsilon
@@ -311,7 +314,9 @@ def epsilon_prv(compositions: Sequence[Composition], delta: float, eps_error: fl
     accountant = PRVAccountant()
     accountant.history = list(compositions)
     try:
-        return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
+        with warnings.catch_warnings(), np.errstate(all="ignore"):  # q = 1 divides by zero inside PRV
+            warnings.simplefilter("ignore")
+            return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
     except (ValueError, RuntimeError, FloatingPointError, OverflowError):  # PRV's domain limits: report only
         return math.nan
 
@@ -578,13 +583,16 @@ class PrivacyLedger:
 
     def report(self, *, steps_round: int, noise_multiplier: float, sample_rate: float, max_grad_norm: float,
                budget: float | None, accountant: str = ACCOUNTANT_RDP) -> dict[str, float]:
-        """The flat scalars a site sends with its update (:data:`REPORT_KEYS`); ε is cumulative."""
+        """The flat scalars a site sends with its update (:data:`REPORT_KEYS`, the budget only when there is
+        one); every ε is cumulative over the ledger and finite."""
         eps = self.epsilons()
         out = {DP_NOISE_MULTIPLIER: float(noise_multiplier), DP_SAMPLE_RATE: float(sample_rate),
                DP_MAX_GRAD_NORM: float(max_grad_norm), DP_DELTA: float(self.delta or math.nan),
                DP_STEPS_ROUND: float(steps_round), DP_STEPS_TOTAL: float(self.total_steps),
-               DP_EPSILON: eps[accountant], DP_EPSILON_BUDGET: math.inf if budget is None else float(budget)}
+               DP_EPSILON: eps[accountant]}
         out.update({EPSILON_KEYS[a]: v for a, v in eps.items()})
+        if budget is not None:  # no Infinity in history.json: the key is left out when there is no budget
+            out[DP_EPSILON_BUDGET] = float(budget)
         return out
 
 

@@ -209,7 +209,7 @@ def site_data(ref: SiteRef, cfg: DictConfig, plan: Mapping[str, Any]) -> SiteDat
     return data
 
 
-def test_loader(data: SiteData, plan: Mapping[str, Any]) -> DataLoader | None:
+def held_out_loader(data: SiteData, plan: Mapping[str, Any]) -> DataLoader | None:
     """Whole-volume loader of the site's held-out test cases (``imagesTs``), or ``None`` if it has none."""
     if data.test_loader is None and data.site.test_cases:
         tf = build_transforms(

@@ -45,7 +45,6 @@ from medseg_core.federation import (
     local_keys,
     parameter_keys,
     scaffold_server_update,
-    state_to_numpy,
     zeros_like,
 )
 
@@ -298,8 +297,3 @@ def build_strategy(cfg: DictConfig, model: torch.nn.Module) -> Strategy:
     if isinstance(target, type) and issubclass(target, Scaffold):
         kwargs["control_keys"] = parameter_keys(model)
     return factory(**kwargs)
-
-
-def initial_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The global model's weights as NumPy arrays."""
-    return state_to_numpy(model.state_dict())

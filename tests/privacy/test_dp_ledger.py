@@ -10,6 +10,7 @@ import pytest
 
 from client.privacy import (
     DP_EPSILON,
+    DP_EPSILON_BUDGET,
     DP_EPSILON_PRV,
     DP_EPSILON_RDP,
     DP_EPSILON_RDP_CLASSIC,
@@ -123,11 +124,13 @@ def test_report_has_every_named_scalar(tmp_path):
     _round(ledger, 1)
     _round(ledger, 2)
     rep = ledger.report(steps_round=25, noise_multiplier=1.0, sample_rate=0.04, max_grad_norm=1.0, budget=None)
-    assert set(rep) == set(REPORT_KEYS)
+    assert set(rep) == set(REPORT_KEYS) - {DP_EPSILON_BUDGET}  # no budget: no key (history.json has no Infinity)
     assert all(isinstance(v, float) for v in rep.values())
     assert rep[DP_STEPS_TOTAL] == 50 and rep[DP_EPSILON] == rep[DP_EPSILON_RDP]
     assert rep[DP_EPSILON_PRV] < rep[DP_EPSILON_RDP] < rep[DP_EPSILON_RDP_CLASSIC]
-    assert math.isinf(rep["dp-epsilon-budget"])
+    with_budget = ledger.report(steps_round=25, noise_multiplier=1.0, sample_rate=0.04, max_grad_norm=1.0,
+                                budget=8.0, accountant="prv")
+    assert with_budget[DP_EPSILON_BUDGET] == 8.0 and with_budget[DP_EPSILON] == with_budget[DP_EPSILON_PRV]
 
 
 def test_epsilon_plot_from_a_history_dict(tmp_path):

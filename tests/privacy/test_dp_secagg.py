@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 from flwr.client import ClientApp, NumPyClient
-from flwr.client.mod import secaggplus_mod
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from server.inprocess import InProcessGrid
@@ -77,16 +77,28 @@ class WireTap(InProcessGrid):
         return got
 
 
-def test_server_aggregates_only_the_masked_sum():
+def _run(app, strategy) -> WireTap:
+    """One SecAgg+ round of three sites through Flower's workflow; returns the tapped grid."""
     n = len(CASES)
-    grid = WireTap([client_app] * n, [{"partition-id": i, "num-partitions": n} for i in range(n)])
-    strategy = SpyFedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n, fraction_evaluate=0.0,
-                         initial_parameters=ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES]))
+    grid = WireTap([app] * n, [{"partition-id": i, "num-partitions": n} for i in range(n)])
     context = LegacyContext(context=Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy)
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=2,
                                                                clipping_range=2.0, timeout=60))
     workflow(grid, context)
+    return grid
+
+
+def _spy() -> SpyFedAvg:
+    n = len(CASES)
+    return SpyFedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n, fraction_evaluate=0.0,
+                     initial_parameters=ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES]))
+
+
+def test_server_aggregates_only_the_masked_sum():
+    n = len(CASES)
+    strategy = _spy()
+    grid = _run(client_app, strategy)
 
     updates = [site_update(i) for i in range(n)]
     weighted_mean = [sum(c * u[k] for c, u in zip(CASES, updates, strict=True)) / sum(CASES)
@@ -108,3 +120,24 @@ def test_server_aggregates_only_the_masked_sum():
         values = np.concatenate([v.ravel() for v in vectors[1:]]).astype(np.float64)  # [0] is the weight factor
         assert values.max() > 2**30  # masked values spread over [0, 2^32), far outside the quantised range
         assert not rep.content.array_records or all(len(r) == 0 for r in rep.content.array_records.values())
+
+
+def test_secure_aggregation_combines_with_client_side_clipping():
+    """Client-level DP with SecAgg+: each site clips its update (Flower's fixedclipping_mod, inside
+    secaggplus_mod) before masking, so the server, which never sees one update, still aggregates bounded
+    contributions (noise 0 here, to check the sum exactly)."""
+    clip = 0.5
+    app = ClientApp(client_fn=lambda context: Site(int(context.node_config["partition-id"])).to_client(),
+                    mods=[secaggplus_mod, fixedclipping_mod])
+    spy = _spy()
+    _run(app, DifferentialPrivacyClientSideFixedClipping(spy, noise_multiplier=0.0, clipping_norm=clip,
+                                                         num_sampled_clients=len(CASES)))
+    clipped = []
+    for i in range(len(CASES)):
+        update = site_update(i)
+        norm = np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update))
+        assert norm > clip  # clipping does something
+        clipped.append([u * (clip / norm) for u in update])
+    expected = [sum(c * u[k] for c, u in zip(CASES, clipped, strict=True)) / sum(CASES) for k in range(len(SHAPES))]
+    for g, e in zip(spy.received[0], expected, strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-3)
