@@ -1079,10 +1079,11 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader, set
 
     Returns:
         :class:`PrivateTraining`; give its ``model``, ``optimizer``, ``loader`` to ``train_one_epoch``
-        with ``grad_clip_norm=None``, then call ``commit(round_idx)``.
+        with ``grad_clip_norm=None`` for ``round_epochs`` epochs (a step beyond the planned ones raises
+        ``RuntimeError``), then call ``commit(round_idx)``.
 
     Raises:
-        PrivacyBudgetExhausted: the round would exceed the budget (nothing has been changed).
+        PrivacyBudgetExhausted: the round would exceed the budget (no model, optimiser or spending changed).
         ValueError: a model that is not DP-compatible, a dataset whose items are not single cases, bad
             arguments.
     """
@@ -1104,14 +1105,17 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader, set
     generator, sampling_generator = dp_generators(settings, device)
     gsm = wrap_model(model, settings.grad_sample_mode)
     dp_optimizer = PrivateOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=settings.max_grad_norm,
-                               expected_batch_size=max(1, round(sample_rate * num_cases)), loss_reduction="mean",
-                               generator=generator, secure_mode=settings.secure_mode)
+                                    expected_batch_size=max(1, round(sample_rate * num_cases)),
+                                    loss_reduction="mean", generator=generator, secure_mode=settings.secure_mode)
     dp_loader = PoissonCaseLoader(dataset, sample_rate, steps_per_epoch, sampling_generator,
                                   num_workers=int(getattr(loader, "num_workers", 0) or 0))
     private = PrivateTraining(gsm, dp_optimizer, dp_loader, settings, ledger, run_name, sigma, sample_rate,
                               steps_per_epoch, round_epochs, num_cases)
 
     def after_noise(_optimizer: DPOptimizer) -> None:  # Opacus calls this once per noisy step, before the update
+        if private.steps >= private.planned_steps:  # the budget was checked for the planned steps only
+            raise RuntimeError(f"run {run_name}: step {private.steps + 1} of a round planned (and budgeted) for "
+                               f"{private.planned_steps} steps; make_private a new round instead")
         private.steps += 1
         if grad_correction is not None:
             grad_correction(model)

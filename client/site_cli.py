@@ -3,7 +3,7 @@
     medseg-site certs --out certs --hosts superlink.example.org 10.0.0.5 --sites hospital_a hospital_b
     medseg-site validate /data/hospital_a
     medseg-site run --site-dir /data/hospital_a --state-dir /var/lib/medseg/hospital_a \\
-        --superlink superlink.example.org:9092 --root-certificates certs/ca.crt \\
+        --superlink superlink.example.org:8000 --root-certificates certs/ca.crt \\
         --auth-key certs/sites/hospital_a/node.key
 
 ``run`` validates the site's dataset first (a bad dataset stops it with the full validation report,

@@ -100,3 +100,36 @@ def test_flwr_run_trains_the_tiny_federation_and_writes_the_run_directory(flwr_e
         assert path.is_file(), path
     history = json.loads(files.history.read_text())
     assert history["status"] == "completed" and set(history["test"]["sites"]) == {"site_00", "site_01"}
+
+
+def _readme_main_command() -> list[str]:
+    """The README's main-job command: the `flwr run` part of its first ```bash block."""
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1)
+    command = first_block.split("&&")[-1].strip()
+    assert command.startswith("flwr run ."), command
+    return shlex.split(command)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="Flower CLI not installed")
+def test_readme_main_command_runs_the_embedded_default_within_five_minutes(flwr_env, tmp_path):
+    import time
+
+    cmd = _readme_main_command()
+    cmd[2] = str(REPO)  # "." is the repository: the test runs in its own folder
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=flwr_env, capture_output=True, text=True, timeout=420)
+    seconds = time.perf_counter() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "round 0: 3 site(s) enrolled" in out, out[-5000:]
+    assert "done: best round" in out, out[-5000:]
+    runs = sorted((tmp_path / "runs").glob("fl-*"))
+    assert len(runs) == 1, runs
+    history = json.loads(RunFiles(runs[0]).history.read_text())
+    assert history["status"] == "completed"
+    print(f"README main command: {seconds:.0f} s")

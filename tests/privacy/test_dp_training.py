@@ -189,3 +189,12 @@ def test_stock_opacus_grad_sample_modes_train_too(mode, site_and_plan, loaders, 
     train_one_epoch(private.model, private.loader, build_loss("dice_ce"), private.optimizer, device=CPU)
     assert private.steps == 2
     private.close()
+
+
+def test_steps_beyond_the_budgeted_round_are_refused(site_and_plan, loaders, tmp_path):
+    site, _ = site_and_plan
+    private = _private(_model("unet", 2, site), loaders[2], tmp_path)
+    for _ in range(private.planned_steps):
+        private.noise_only_step()
+    with pytest.raises(RuntimeError, match="planned \\(and budgeted\\) for 2 steps"):
+        private.noise_only_step()
