@@ -21,8 +21,10 @@ Protocol (the same for every arm):
   is inside the 25 % one), ``--seeds`` seeds (each seed draws its own subsets, decoder initialisation,
   crops and augmentations; all arms share them), the same number of optimiser steps, learning rate,
   loss (Dice + CE) and augmentations in every arm;
-- evaluation: mean foreground Dice on every site's evaluation patients (sliding window, whole volumes);
-  deltas are paired (same fraction, same seed): mean +- sd over seeds.
+- evaluation: Dice per class on every site's evaluation patients (sliding window, whole volumes), mean
+  over the patients; the headline compares ``--metric`` (default: the organ, the class the budget
+  learns; ``class-mean`` averages the classes); deltas are paired (same fraction, same seed): mean +- sd
+  over seeds, plus the fraction of full-label scratch Dice and the share of the gap to it closed.
 
 Prints JSON lines and a markdown table; writes ``results.json`` and ``label_efficiency.png`` to ``--out``.
 """
@@ -172,12 +174,16 @@ def finetune(arm: str, encoder: Path | None, sites, subset, test_loaders, plan, 
     for loader_ in test_loaders.values():
         cases += evaluate(model, loader_, device=torch.device("cpu"), roi_size=plan["patch_size"], class_values=classes,
                           hd95=False)["cases"]
-    per_case = [statistics.mean(m["dice"] for m in c["metrics"].values() if not math.isnan(m["dice"]))
-                for c in cases]
-    per_class = {n: statistics.mean(c["metrics"][n]["dice"] for c in cases if not math.isnan(c["metrics"][n]["dice"]))
-                 for n in classes}
-    return {"arm": arm, "seed": seed, "patients": len(subset), "dice": statistics.mean(per_case),
+    per_case = [_mean([m["dice"] for m in c["metrics"].values()]) for c in cases]
+    per_class = {n: _mean([c["metrics"][n]["dice"] for c in cases]) for n in classes}
+    return {"arm": arm, "seed": seed, "patients": len(subset), "dice": _mean(per_case),
             "dice_per_class": per_class, "train_seconds": train_s}
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the non-NaN values (NaN: a class absent from both prediction and ground truth), NaN if none."""
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.mean(finite) if finite else math.nan
 
 
 def _ms(values: list[float]) -> str:
@@ -187,8 +193,19 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def summarise(rows: list[dict], arms: list[str], fractions: list[float]) -> tuple[str, dict]:
-    by = {(r["arm"], r["fraction"], r["seed"]): r["dice"] for r in rows}
+def score(row: dict, metric: str) -> float:
+    """The Dice a row is compared by: one class's (mean over test cases), ``class-mean`` (mean of the
+    classes'), or ``case-mean`` (per case, mean over the classes present; sensitive to a few false-positive
+    voxels of a class absent from a case, which score that case's class 0)."""
+    if metric == "case-mean":
+        return row["dice"]
+    if metric == "class-mean":
+        return statistics.mean(row["dice_per_class"].values())
+    return row["dice_per_class"][metric]
+
+
+def summarise(rows: list[dict], arms: list[str], fractions: list[float], metric: str) -> tuple[str, dict]:
+    by = {(r["arm"], r["fraction"], r["seed"]): score(r, metric) for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     full = max(fractions)
     scratch_full = statistics.mean(by[("scratch", full, s)] for s in seeds)
@@ -213,6 +230,15 @@ def summarise(rows: list[dict], arms: list[str], fractions: list[float]) -> tupl
         entry["scratch"] = {"dice_mean": scratch_f, "fraction_of_full_scratch": scratch_f / scratch_full}
         stats["fractions"][str(f)] = entry
         lines.append(f"| {f:.0%} ({patients}) | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
+    low = str(min(fractions))
+    lines.append("")
+    for a in arms[1:]:
+        lo, hi = stats["fractions"][low][a], stats["fractions"][str(full)][a]
+        lines.append(
+            f"- {a}: at {float(low):.0%} labels {lo['fraction_of_full_scratch']:.1%} of full-label scratch Dice "
+            f"(target >= 90 %; scratch {stats['fractions'][low]['scratch']['fraction_of_full_scratch']:.1%}), "
+            f"gap closed {lo['gap_closed']:.0%} (target >= 40 %); at {full:.0%} Δ {hi['delta_mean']:+.3f} "
+            f"(target within ±0.01)")
     return "\n".join(lines), stats
 
 
@@ -230,9 +256,9 @@ def per_class_table(rows: list[dict], arms: list[str], fractions: list[float]) -
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], arms: list[str], fractions: list[float], path: Path) -> None:
+def plot(rows: list[dict], arms: list[str], fractions: list[float], path: Path, metric: str) -> None:
     seeds = sorted({r["seed"] for r in rows})
-    by = {(r["arm"], r["fraction"], r["seed"]): r["dice"] for r in rows}
+    by = {(r["arm"], r["fraction"], r["seed"]): score(r, metric) for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     xs = [100 * f for f in fractions]
     for i, a in enumerate(arms):
@@ -243,7 +269,7 @@ def plot(rows: list[dict], arms: list[str], fractions: list[float], path: Path) 
             d = [[by[(a, f, s)] - by[("scratch", f, s)] for s in seeds] for f in fractions]
             axes[1].errorbar(xs, [statistics.mean(v) for v in d], color=f"C{i}",
                              yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in d], marker="o", capsize=3, label=a)
-    axes[0].set(xscale="log", xlabel="labelled patients (%)", ylabel="test Dice (foreground mean)",
+    axes[0].set(xscale="log", xlabel="labelled patients (%)", ylabel=f"test Dice ({metric})",
                 title="fine-tuned Dice (mean ± sd over seeds)")
     axes[1].axhline(0, color="grey", lw=1)
     axes[1].set(xscale="log", xlabel="labelled patients (%)", ylabel="Δ Dice vs scratch (paired)",
@@ -278,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--federated-encoder", type=Path, default=None,
                    help="encoder.pt exported by federated pretraining (Flower app): adds the 'federated' arm")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--metric", default="organ",
+                   help="Dice compared: a class name (synthetic data: organ, lesion), class-mean or case-mean")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--from-log", action="store_true", help="only re-summarise the rows in --out/log.jsonl")
     args = p.parse_args(argv)
@@ -285,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for r in map(json.loads, (args.out / "log.jsonl").read_text().splitlines()) if "arm" in r]
         arms = list(dict.fromkeys(r["arm"] for r in rows))
         fractions = sorted({r["fraction"] for r in rows})
-        table, _ = summarise(rows, arms, fractions)
-        plot(rows, arms, fractions, args.out / "label_efficiency.png")
+        table, _ = summarise(rows, arms, fractions, args.metric)
+        plot(rows, arms, fractions, args.out / "label_efficiency.png", args.metric)
         print(table)
         print(per_class_table(rows, arms, fractions))
         return
@@ -331,8 +359,8 @@ def main(argv: list[str] | None = None) -> None:
                 row = {**finetune(arm, enc, sites, subset, test_loaders, plan, seed, args), "fraction": f}
                 rows.append(row)
                 log(row)
-    table, stats = summarise(rows, arms, sorted(args.fractions))
-    plot(rows, arms, sorted(args.fractions), args.out / "label_efficiency.png")
+    table, stats = summarise(rows, arms, sorted(args.fractions), args.metric)
+    plot(rows, arms, sorted(args.fractions), args.out / "label_efficiency.png", args.metric)
     total = time.perf_counter() - start
     cmd = "python bench/label_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"Command: `{cmd.strip()}`; {platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}; "
