@@ -285,7 +285,7 @@ def plot(rows: list[dict], arms: list[str], fractions: list[float], path: Path, 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("bench_out/label_efficiency"))
+    p.add_argument("--out", type=Path, default=Path("runs/label_efficiency"))
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--cases", type=int, default=10, help="labelled training patients per site")
     p.add_argument("--test", type=int, default=3, help="evaluation patients per site")

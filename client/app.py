@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from omegaconf import DictConfig
 
 from client.local import TrainInstructions, evaluate_round, train_round
@@ -41,13 +42,31 @@ from medseg_core.federation import (
     SCAFFOLD_CONTROL,
     SCAFFOLD_DELTA_CONTROL,
     SITE,
+    SITE_WEIGHT,
     SPLIT_VAL,
     dumps,
     loads,
     protocol_hash,
 )
 
-app = ClientApp()
+
+def client_dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Client-side clipping of client-level DP (``privacy.client_dp.side: client``), chosen from the config.
+
+    A ClientApp's mods are fixed when it is created, but the run's configuration is only known per
+    message, so this mod composes it and delegates training messages to Flower's ``fixedclipping_mod``
+    or ``adaptiveclipping_mod`` (the site's model update ``local - global`` is clipped before it leaves).
+    """
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    client_dp = (load_config(context.run_config).get("privacy") or {}).get("client_dp")
+    if client_dp is None or client_dp.get("side") != "client":
+        return call_next(msg, context)
+    mod = adaptiveclipping_mod if client_dp.get("clipping") == "adaptive" else fixedclipping_mod
+    return mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[client_dp_mod])
 
 
 class ConfigMismatchError(ValueError):
@@ -133,7 +152,17 @@ def train(msg: Message, context: Context) -> Message:
         control=_to_numpy(control) if control is not None else None,
     )
     state = SiteState(ref.state_root, str(config[KEY_RUN_NAME]))
-    outcome = train_round(cfg, data, plan, _to_numpy(msg.content.array_records[ARRAYS]), instructions, state)
+    outcome = train_round(
+        cfg,
+        data,
+        plan,
+        _to_numpy(msg.content.array_records[ARRAYS]),
+        instructions,
+        state,
+        simulated=ref.simulated,
+    )
+    if (cfg.get("privacy") or {}).get("client_dp") is not None:
+        outcome.metrics[SITE_WEIGHT] = 1  # client-level DP: the server averages the sites uniformly
     records: dict[str, Any] = {ARRAYS: _to_record(outcome.arrays)}
     if outcome.delta_control is not None:
         records[SCAFFOLD_DELTA_CONTROL] = _to_record(outcome.delta_control)

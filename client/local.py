@@ -24,6 +24,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from client.privacy import (
+    DPSettings,
+    PrivacyLedger,
+    check_training_config,
+    ledger_path,
+    make_private,
+    resolve_ledger_scope,
+)
 from client.site import KEEP_CONTROL_FILES, SiteData, SiteState, held_out_loader
 from medseg_core.engine import build_optimizer, evaluate, prepare_model, train_one_epoch
 from medseg_core.federation import (
@@ -171,8 +179,15 @@ def train_round(
     received: Mapping[str, np.ndarray],
     instructions: TrainInstructions,
     state: SiteState,
+    *,
+    simulated: bool = False,
 ) -> TrainOutcome:
     """Train the site's model for one round.
+
+    Under ``privacy=dp`` the round is patient-level DP-SGD (:func:`client.privacy.make_private`): the
+    site's ledger (in its state folder, never sent) is checked before training and written before the
+    reply; the reply carries the ledger's figures (``dp-*``, :mod:`medseg_core.privacy_report`) and no
+    training loss (computed from the training patients without noise, so outside the guarantee).
 
     Args:
         cfg: the run config (model, loss, optim, train, strategy.keep_local, seed).
@@ -181,6 +196,7 @@ def train_round(
         received: global weights (the shared keys).
         instructions: this round's learning rate, epochs, FedProx mu, SCAFFOLD control variate.
         state: the site's state files for this run.
+        simulated: a simulated site (``privacy.ledger_scope: auto`` then keeps one ledger per run).
 
     Returns:
         The trained shared weights, metrics (``num-examples`` = training cases) and, for SCAFFOLD,
@@ -188,6 +204,8 @@ def train_round(
 
     Raises:
         UpdateError: unusable global weights. FloatingPointError: training diverged.
+        client.privacy.PrivacyBudgetExhausted: the round would exceed the site's privacy budget (nothing
+            trained; the ClientApp's error reply names the site and the figures).
     """
     device = resolve_device(cfg.device)
     amp = amp_enabled(cfg.train.amp, device)
@@ -221,24 +239,49 @@ def train_round(
         c_i = state.load(CONTROL, r) or {k: np.zeros_like(v) for k, v in control.items()}
         grad_hook = _scaffold_hook({k: torch.as_tensor(control[k] - c_i[k]).to(device) for k in control})
 
-    losses, steps, seconds = [], 0, 0.0
-    for epoch in range(instructions.local_epochs):
-        stats = train_one_epoch(
+    private = None
+    train_model, train_loader, train_optimizer = model, data.loaders.train, optimizer
+    clip_norm = cfg.train.grad_clip_norm
+    settings = DPSettings.from_config(cfg.privacy)
+    if settings is not None:  # patient-level DP-SGD (client/privacy.py); the engine runs unchanged
+        check_training_config(cfg)  # also refuses FedProx/SCAFFOLD, whose terms DP-SGD would drop
+        scope = resolve_ledger_scope(settings.ledger_scope, simulated=simulated)
+        ledger = PrivacyLedger.open(ledger_path(state.dir.parent, state.dir.name, scope), site=data.site.name)
+        private = make_private(  # raises PrivacyBudgetExhausted (the site declines) before any training
             model,
-            data.loaders.train,
-            loss_fn,
             optimizer,
-            device=device,
-            grad_clip_norm=cfg.train.grad_clip_norm,
-            amp=amp,
-            channels_last=bool(cfg.train.channels_last),
-            extra_loss=extra_loss,
-            grad_hook=grad_hook,
-            desc=f"{data.site.name} round {r} epoch {epoch + 1}",
+            data.loaders.train,
+            settings,
+            ledger=ledger,
+            run_name=state.dir.name,
+            planned_epochs=int(cfg.fl.num_rounds) * instructions.local_epochs,
+            round_epochs=instructions.local_epochs,
         )
-        losses.append(stats["loss"])
-        steps += int(stats["num_steps"])
-        seconds += float(stats["seconds"])
+        train_model, train_loader, train_optimizer = private.model, private.loader, private.optimizer
+        clip_norm = None  # DP-SGD clips each patient's gradient
+    losses, steps, seconds = [], 0, 0.0
+    try:
+        for epoch in range(instructions.local_epochs):
+            stats = train_one_epoch(
+                train_model,
+                train_loader,
+                loss_fn,
+                train_optimizer,
+                device=device,
+                grad_clip_norm=clip_norm,
+                amp=amp,
+                channels_last=bool(cfg.train.channels_last),
+                extra_loss=extra_loss,
+                grad_hook=grad_hook,
+                desc=f"{data.site.name} round {r} epoch {epoch + 1}",
+            )
+            losses.append(stats["loss"])
+            steps += int(stats["num_steps"])
+            seconds += float(stats["seconds"])
+        privacy_metrics = private.commit(r) if private is not None else {}  # ledger on disk before the reply
+    finally:
+        if private is not None:
+            private.close()
 
     trained = state_to_numpy(model.state_dict())
     if keep:
@@ -250,12 +293,14 @@ def train_round(
             c_i, instructions.control, x, trained, max(steps, 1), float(instructions.lr)
         )
         state.save(CONTROL, r, c_plus, keep=KEEP_CONTROL_FILES)
-    metrics = {
-        NUM_EXAMPLES: data.num_train_cases,
-        TRAIN_LOSS: float(np.mean(losses)),
-        NUM_STEPS: steps,
-        TRAIN_SECONDS: seconds,
-    }
+    metrics = {NUM_EXAMPLES: data.num_train_cases, NUM_STEPS: steps, TRAIN_SECONDS: seconds}
+    if private is None:
+        metrics[TRAIN_LOSS] = float(np.mean(losses))
+    else:
+        # The training loss is computed from the training patients without noise and is not covered by
+        # epsilon: it is not released. The step count is the accounted one (empty Poisson batches too).
+        metrics[NUM_STEPS] = private.steps
+        metrics.update(privacy_metrics)
     return TrainOutcome({k: trained[k] for k in shared}, metrics, delta)
 
 

@@ -31,8 +31,10 @@ run's seed unless ``privacy.seed`` is set explicitly for a reproducible, non-pri
 
 **Ledger.** One JSON file per site (``privacy-ledger.json`` in the site's state directory) lists every
 private round this site has released: noise multiplier, sampling rate, steps, clipping norm. It lives
-across rounds, restarts and (with ``ledger_scope: site``, the default) across runs, because a
-patient's privacy loss accumulates over every model trained on them. It never leaves the site; each
+across rounds, restarts and (with ``ledger_scope: site``, the default at a deployed site) across runs,
+because a patient's privacy loss accumulates over every model trained on them. In simulation the
+default (``auto``) is one ledger per run: the simulated sites' state folder is shared by every demo
+run in the cache, and synthetic patients have no lifetime budget to protect. It never leaves the site; each
 round the site reports a few scalars from it (:data:`REPORT_KEYS`): ε from the RDP accountant with
 Opacus' conversion (Balle et al. 2020, Thm. 21) and with the classic conversion
 (ε = min_α RDP(α) + log(1/δ)/(α−1), Mironov 2017, used by TF-Privacy's published tables), and from the
@@ -79,36 +81,32 @@ from torch import nn
 from medseg_core.checkpoint import write_json
 from medseg_core.models import dp_problems
 from medseg_core.models.transunet import StdConv2d, StdConv3d, _standardize
+from medseg_core.privacy_report import (
+    ACCOUNTANT_PRV,
+    ACCOUNTANT_RDP,
+    ACCOUNTANT_RDP_CLASSIC,
+    ACCOUNTANTS,
+    BUDGET_DECLINED,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_EPSILON_BUDGET,
+    DP_MAX_GRAD_NORM,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS_ROUND,
+    DP_STEPS_TOTAL,
+    EPSILON_KEYS,
+)
 
 # --------------------------------------------------------------------------------------------------
 # names
 
 MODE_NONE, MODE_DP = "none", "dp"
-#: privacy accountants: RDP with Opacus' conversion, RDP with the classic conversion, PRV
-ACCOUNTANT_RDP, ACCOUNTANT_RDP_CLASSIC, ACCOUNTANT_PRV = "rdp", "rdp_classic", "prv"
-ACCOUNTANTS = (ACCOUNTANT_RDP, ACCOUNTANT_RDP_CLASSIC, ACCOUNTANT_PRV)
 GRAD_SAMPLE_MODES = ("fast", "hooks", "functorch")
-LEDGER_SCOPES = ("site", "run")
+#: site: one ledger for every run at the site; run: one per run; auto: run in simulation, site when deployed
+LEDGER_SCOPES = ("auto", "site", "run")
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_FORMAT, LEDGER_VERSION = "medseg-privacy-ledger", 1
-
-# MetricRecord keys a site reports each private round (kebab-case, like medseg_core.federation's)
-DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # sigma
-DP_SAMPLE_RATE = "dp-sample-rate"  # q, Poisson sampling probability of a case per step
-DP_MAX_GRAD_NORM = "dp-max-grad-norm"  # C, per-patient clipping norm
-DP_DELTA = "dp-delta"
-DP_STEPS_ROUND = "dp-steps-round"  # noisy steps this round (empty Poisson batches included)
-DP_STEPS_TOTAL = "dp-steps-total"  # noisy steps in the site's ledger, all rounds (and runs) so far
-DP_EPSILON = "dp-epsilon"  # epsilon spent so far with the enforced accountant (privacy.accountant)
-DP_EPSILON_RDP = "dp-epsilon-rdp"  # RDP, Opacus' conversion (Balle et al. 2020, Thm. 21)
-DP_EPSILON_RDP_CLASSIC = "dp-epsilon-rdp-classic"  # RDP, classic conversion (Mironov 2017, Prop. 3)
-DP_EPSILON_PRV = "dp-epsilon-prv"  # PRV accountant (Gopi et al. 2021), upper bound
-DP_EPSILON_BUDGET = "dp-epsilon-budget"  # the site's budget (absent: none)
-REPORT_KEYS = (DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_MAX_GRAD_NORM, DP_DELTA, DP_STEPS_ROUND, DP_STEPS_TOTAL,
-               DP_EPSILON, DP_EPSILON_RDP, DP_EPSILON_RDP_CLASSIC, DP_EPSILON_PRV, DP_EPSILON_BUDGET)
-#: report key of each accountant's epsilon
-EPSILON_KEYS = {ACCOUNTANT_RDP: DP_EPSILON_RDP, ACCOUNTANT_RDP_CLASSIC: DP_EPSILON_RDP_CLASSIC,
-                ACCOUNTANT_PRV: DP_EPSILON_PRV}
 
 #: RDP orders: Opacus'/TF-Privacy's defaults plus a few large ones (tighter for short, low-epsilon runs)
 RDP_ORDERS: tuple[float, ...] = (*RDPAccountant.DEFAULT_ALPHAS, 80.0, 128.0, 256.0, 512.0)
@@ -155,7 +153,8 @@ class DPSettings:
         max_grad_norm: per-patient gradient clipping norm ``C``.
         accountant: the accountant enforced and used for calibration (all are reported).
         grad_sample_mode: ``fast`` (ours), ``hooks`` or ``functorch`` (stock Opacus).
-        ledger_scope: ``site`` (one ledger for every run at the site) or ``run``.
+        ledger_scope: ``site`` (one ledger for every run at the site), ``run``, or ``auto`` (default:
+            ``run`` in simulation, ``site`` at a deployed site; :func:`resolve_ledger_scope`).
         secure_mode: draw noise and sampling from Opacus' cryptographically secure generator
             (needs ``torchcsprng``).
         seed: ``None`` (default): noise and sampling from OS entropy. An integer makes them
@@ -171,7 +170,7 @@ class DPSettings:
     max_grad_norm: float = 1.0
     accountant: str = ACCOUNTANT_RDP
     grad_sample_mode: str = "fast"
-    ledger_scope: str = "site"
+    ledger_scope: str = "auto"
     secure_mode: bool = False
     seed: int | None = None
 
@@ -355,7 +354,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
         raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
     spent = compute_epsilon(prior, delta, accountant)
     if spent >= target_epsilon:
-        raise PrivacyBudgetExhausted(f"epsilon {spent:.3f} already spent of a budget of {target_epsilon}")
+        raise PrivacyBudgetExhausted(f"{BUDGET_DECLINED}: epsilon {spent:.3f} already spent of a budget of "
+                                     f"{target_epsilon}")
 
     def eps(sigma: float) -> float:
         return compute_epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
@@ -365,7 +365,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
         low, high = high, 2 * high
         if high > MAX_NOISE_MULTIPLIER:
             raise PrivacyBudgetExhausted(
-                f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps epsilon within {target_epsilon} "
+                f"{BUDGET_DECLINED}: no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps epsilon within {target_epsilon} "
                 f"({spent:.3f} already spent) for {steps} steps at q={sample_rate:.4g}")
     eps_high = eps(high)
     while target_epsilon - eps_high > tolerance:
@@ -397,6 +397,23 @@ def poisson_schedule(num_cases: int, batch_size: int) -> tuple[float, int]:
 # the ledger
 
 
+def resolve_ledger_scope(scope: str, *, simulated: bool) -> str:
+    """``auto`` -> ``run`` for a simulated site, ``site`` for a deployed one; other scopes unchanged.
+
+    A deployed hospital keeps one ledger for all runs (a patient's lifetime privacy loss). A simulation
+    keeps its sites' state in the shared cache folder, where a lifetime ledger would make every repeated
+    demo run spend the same synthetic budget until all sites decline.
+
+    Raises:
+        ValueError: unknown scope.
+    """
+    if scope not in LEDGER_SCOPES:
+        raise ValueError(f"privacy.ledger_scope must be one of {LEDGER_SCOPES}, got {scope!r}")
+    if scope == "auto":
+        return "run" if simulated else "site"
+    return scope
+
+
 def ledger_path(state_root: str | Path, run_name: str, scope: str = "site") -> Path:
     """Where a site keeps its ledger: ``<state_root>/privacy-ledger.json`` (``site``) or
     ``<state_root>/<run_name>/privacy-ledger.json`` (``run``).
@@ -404,8 +421,8 @@ def ledger_path(state_root: str | Path, run_name: str, scope: str = "site") -> P
     Raises:
         ValueError: unknown scope.
     """
-    if scope not in LEDGER_SCOPES:
-        raise ValueError(f"ledger scope must be one of {LEDGER_SCOPES}, got {scope!r}")
+    if scope not in ("site", "run"):
+        raise ValueError(f"ledger scope must be one of ('site', 'run') (resolve 'auto' first), got {scope!r}")
     root = Path(state_root)
     return root / LEDGER_FILE if scope == "site" else root / str(run_name) / LEDGER_FILE
 
@@ -532,7 +549,7 @@ class PrivacyLedger:
         spent = self.epsilon(accountant)
         after = self.epsilon(accountant, [(noise_multiplier, sample_rate, steps)])
         raise PrivacyBudgetExhausted(
-            f"site {self.site or self.path.parent.name}: privacy budget reached; the next round ({steps} steps at "
+            f"site {self.site or self.path.parent.name}: {BUDGET_DECLINED}; the next round ({steps} steps at "
             f"sigma={noise_multiplier:.4g}, q={sample_rate:.4g}) would raise epsilon ({accountant}, "
             f"delta={self.delta:.3g}) from {spent:.3f} to {after:.3f}, above the budget of {budget}; "
             f"declining to train (ledger {self.path}, {len(self.rounds)} round(s), {self.total_steps} steps spent)")
@@ -1125,29 +1142,3 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader, set
     dp_optimizer.attach_step_hook(after_noise)
     dp_loader.on_empty = private.noise_only_step
     return private
-
-
-# --------------------------------------------------------------------------------------------------
-# what the server shows (pure; to move next to the server's other plots, see the module docstring)
-
-
-def epsilon_series(history: Mapping[str, Any], key: str = DP_EPSILON) -> dict[str, list[float]]:
-    """``{site: [epsilon after round r, ...]}`` from a run's ``history.json`` (NaN where a site did not train)."""
-    rounds = history.get("rounds", [])
-    sites = sorted({s for e in rounds for s, m in e.get("train", {}).items() if key in m})
-    return {s: [float(e.get("train", {}).get(s, {}).get(key, math.nan)) for e in rounds] for s in sites}
-
-
-def plot_epsilon(history: Mapping[str, Any], path: str | Path) -> Path | None:
-    """``epsilon.png``: cumulative epsilon per site vs round, one panel per conversion; ``None`` without DP."""
-    from medseg_core.plots import plot_curves
-
-    panels = {
-        "epsilon, RDP (Opacus conversion)": epsilon_series(history, DP_EPSILON_RDP),
-        "epsilon, RDP (classic conversion)": epsilon_series(history, DP_EPSILON_RDP_CLASSIC),
-        "epsilon, PRV": epsilon_series(history, DP_EPSILON_PRV),
-    }
-    panels = {k: v for k, v in panels.items() if v}
-    if not panels:
-        return None
-    return plot_curves(panels, path, title=f"privacy spent per site - {history.get('run_name', '')}", xlabel="round")

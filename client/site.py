@@ -63,12 +63,14 @@ class SiteRef:
         data_dir: the site folder (nnU-Net raw layout, see :mod:`medseg_core.data.dataset`).
         state_root: folder for the site's state; each run has a subfolder named after the run.
         note: something the server should tell the user (e.g. sites a simulation leaves out).
+        simulated: a partition of a simulation (``partition-id``), not a deployed site.
     """
 
     name: str
     data_dir: Path
     state_root: Path
     note: str = ""
+    simulated: bool = False
 
 
 def _simulated_site_dirs(cfg: DictConfig) -> list[Path]:
@@ -127,7 +129,7 @@ def resolve_site(cfg: DictConfig, node_config: Mapping[str, Any]) -> SiteRef:
             )
         data_dir = dirs[pid]
         name = check_safe_name(data_dir.name, "site folder name")
-        return SiteRef(name, data_dir, Path(str(cfg.fl.state_dir)).expanduser() / name, note)
+        return SiteRef(name, data_dir, Path(str(cfg.fl.state_dir)).expanduser() / name, note, simulated=True)
     raise SiteConfigError(
         f"node config {dict(node_config)} names no site: a deployed SuperNode needs "
         f"--node-config \"{NODE_SITE_DIR}='/path/to/site' {NODE_STATE_DIR}='/path/to/state'\" (see medseg-site)"

@@ -76,6 +76,7 @@ KEY_FINGERPRINT = "fingerprint"  # the site's fingerprint, JSON text (aggregates
 
 # MetricRecord keys
 NUM_EXAMPLES = "num-examples"  # training cases (train) or evaluated cases (evaluate); never batches
+SITE_WEIGHT = "site-weight"  # 1 from every site: client-level DP averages the sites' models uniformly
 TRAIN_LOSS = "train-loss"
 NUM_STEPS = "num-steps"
 TRAIN_SECONDS = "train-seconds"

@@ -63,10 +63,11 @@ from medseg_core.federation import (
     protocol_hash,
     resume_identity,
 )
+from medseg_core.privacy_report import DECLINED, plot_epsilon
 from medseg_core.runtime import rng_state, seed_everything, set_rng_state
 from medseg_core.workflow import build_configured_model, model_config
 from server.replies import INVALID, Fault, screen_replies, site_name
-from server.report import plot_history, round_line, write_report
+from server.report import plot_history, privacy_settings, round_line, write_report
 from server.run_files import (
     RunFiles,
     load_round_checkpoint,
@@ -74,7 +75,15 @@ from server.run_files import (
     run_name_for,
     save_round_checkpoint,
 )
-from server.strategies import FedBN, build_strategy, load_strategy_state, strategy_state, to_numpy, to_record
+from server.strategies import (
+    FedBN,
+    build_strategy,
+    client_dp_figures,
+    load_strategy_state,
+    strategy_state,
+    to_numpy,
+    to_record,
+)
 
 Say = Callable[[str], None]
 
@@ -247,6 +256,7 @@ class FederatedRun:
             "test": {},
             "timings": {},
             "resumed_at_round": [],
+            "privacy": privacy_settings(self.cfg),
         }
 
     def _start(self) -> None:
@@ -267,7 +277,7 @@ class FederatedRun:
         self.history["timings"]["enrollment_s"] = time.perf_counter() - t
         self._build_model()
         self.global_arrays = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
-        self.strategy = build_strategy(self.cfg, self.model)
+        self.strategy = build_strategy(self.cfg, self.model, len(self.history["sites"]))
 
     def _resume(self) -> None:
         ckpt = self.files.latest_round_checkpoint()
@@ -288,7 +298,7 @@ class FederatedRun:
         self.best = dict(payload["best"])
         self._build_model()
         self.global_arrays = payload["arrays"]
-        self.strategy = build_strategy(self.cfg, self.model)
+        self.strategy = build_strategy(self.cfg, self.model, len(self.history["sites"]))
         load_strategy_state(self.strategy, payload["strategy_state"])
         self.start_round = int(payload["round_idx"]) + 1
         write_text(OmegaConf.to_yaml(self.cfg, resolve=True), self.files.resolved_config)
@@ -396,14 +406,29 @@ class FederatedRun:
             into.append(fault.as_dict())
             self.say(f"warning: {fault}")
 
-    def _need(self, valid: list[Message], sent: list[Message], phase: str, round_idx: int) -> None:
+    def _need(
+        self, valid: list[Message], sent: list[Message], phase: str, round_idx: int, declined: int = 0
+    ) -> None:
         key = f"min_{phase}_nodes"
         minimum = int(self.fl[key])
         if len(valid) < minimum:
+            why = (
+                f"; {declined} site(s) declined because their privacy budget is spent (privacy.epsilon)"
+                if declined
+                else ""
+            )
             raise FederationStopped(
                 f"round {round_idx}: only {len(valid)} of {len(sent)} site(s) gave a usable "
-                f"{phase} reply; fl.{key}={minimum}: stopping (reasons above and in history.json)"
+                f"{phase} reply{why}; fl.{key}={minimum}: stopping (reasons above and in history.json)"
             )
+
+    def _log_declines(self, faults: list[Fault]) -> int:
+        """Record the sites that declined a round for their privacy budget (``history.json: privacy``)."""
+        declined = [f for f in faults if f.kind == DECLINED]
+        log = self.history.setdefault("privacy", {}).setdefault("declined", [])
+        for fault in declined:
+            log.append({"round": fault.round, "site": fault.site, "node_id": fault.node_id, "detail": fault.detail})
+        return len(declined)
 
     def _round(self, r: int, lr: float) -> None:
         t_round = time.perf_counter()
@@ -422,9 +447,10 @@ class FederatedRun:
             "train", r, sent, replies, needs_arrays=True, min_examples=1, known_sites=self.node_sites
         )
         self._log_faults(faults, entry["faults"])
+        declined = self._log_declines(faults)
         self._remember(valid)
-        entry["train"] = {site_name(m): _metrics(m) for m in valid}
-        self._need(valid, sent, "train", r)
+        entry["train"] = {site_name(m): _metrics(m) for m in valid}  # dp-* figures kept per site
+        self._need(valid, sent, "train", r, declined)
         try:
             agg_arrays, agg_metrics = self.strategy.aggregate_train(r, valid)
         except (
@@ -446,6 +472,12 @@ class FederatedRun:
             **{k: v.astype(self.global_arrays[k].dtype, copy=False) for k, v in aggregated.items()},
         }
         entry["train_aggregate"] = dict(agg_metrics or {})
+        client_dp = client_dp_figures(self.strategy)
+        if client_dp is not None:  # client-level DP: clipping norm, noise and Flower's epsilon per round
+            entry["client_dp"] = client_dp
+            self.history.setdefault("privacy", {}).setdefault("client_level_rounds", []).append(
+                {"round": r, **client_dp}
+            )
         entry.setdefault("seconds", {})["train"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -535,6 +567,7 @@ class FederatedRun:
     def _write_history(self) -> None:
         write_json(self.history, self.files.history)
         plot_history(self.history, self.files.dice_plot, self.files.loss_plot)
+        plot_epsilon(self.history, self.files.epsilon_plot)
         write_report(self.files.report, self.history)
 
 

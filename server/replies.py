@@ -2,7 +2,8 @@
 
 A site is left out of a round's aggregate, and the reason logged, when it
 
-* raised (Flower turns the exception into an error reply: ``error``),
+* raised (Flower turns the exception into an error reply: ``error``), or declined the round because
+  its privacy budget is spent (an error reply saying so: ``declined``),
 * did not answer within ``fl.round_timeout_s`` (``timeout``),
 * answered the same round twice or under a site name another node already used (``duplicate``),
 * sent weights with missing or unexpected keys, wrong shapes or NaN/Inf values, or unusable metrics
@@ -29,6 +30,7 @@ from medseg_core.federation import (
     SITE,
     check_arrays,
 )
+from medseg_core.privacy_report import DECLINED, is_budget_decline
 
 ERROR, TIMEOUT, DUPLICATE, INVALID = "error", "timeout", "duplicate", "invalid"
 #: ArrayRecord sent -> ArrayRecord the reply must carry, with the same keys and shapes
@@ -140,7 +142,7 @@ def screen_replies(
                     round_idx,
                     node,
                     (known_sites or {}).get(node),
-                    ERROR,
+                    DECLINED if is_budget_decline(msg.error.reason) else ERROR,
                     f"{msg.error.reason} (error code {msg.error.code})".strip(),
                 )
             )

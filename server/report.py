@@ -7,9 +7,44 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from medseg_core.checkpoint import write_text
 from medseg_core.federation import DICE, HD95, NUM_EXAMPLES, TRAIN_LOSS
 from medseg_core.plots import plot_curves
+from medseg_core.privacy_report import (
+    DP_DELTA,
+    DP_EPSILON,
+    DP_EPSILON_BUDGET,
+    DP_EPSILON_PRV,
+    DP_EPSILON_RDP,
+    DP_EPSILON_RDP_CLASSIC,
+    DP_MAX_GRAD_NORM,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS_TOTAL,
+    latest_privacy,
+)
+
+#: ``privacy.*`` settings of sample-level DP recorded in ``history.json`` (what the site was asked to do)
+SAMPLE_LEVEL_KEYS = ("noise_multiplier", "epsilon", "delta", "max_grad_norm", "accountant", "ledger_scope")
+
+
+def privacy_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The run's privacy configuration for ``history.json``: mode, sample-level, client-level, SecAgg+.
+
+    Filled in during the run: ``declined`` (sites that refused a round for their budget) and, with
+    client-level DP, ``client_level_rounds`` (clipping norm, noise and epsilon per round).
+    """
+    priv = cfg.get("privacy") or {}
+    out: dict[str, Any] = {"mode": str(priv.get("mode", "none")), "declined": []}
+    if out["mode"] == "dp":
+        out["sample_level"] = {k: priv.get(k) for k in SAMPLE_LEVEL_KEYS}
+    for key, name in (("client_dp", "client_level"), ("secagg", "secagg")):
+        node = priv.get(key)
+        if node is not None:
+            out[name] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return out
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -27,10 +62,14 @@ def round_line(entry: Mapping[str, Any], num_rounds: int) -> str:
     agg = entry.get("evaluate_aggregate", {})
     faults = entry.get("faults", [])
     fault_txt = f"  [{len(faults)} site(s) left out: see history.json]" if faults else ""
+    eps = "  ".join(
+        f"{s} {_fmt(m[DP_EPSILON], 2)}" for s, m in sorted(entry.get("train", {}).items()) if DP_EPSILON in m
+    )
+    eps_txt = f"  |  epsilon {eps}" if eps else ""
     return (
         f"round {entry['round']}/{num_rounds}  lr {float(entry.get('lr', math.nan)):.2e}  "
         f"train loss {_fmt(entry.get('train_aggregate', {}).get(TRAIN_LOSS))}  |  val Dice {dice}  |  "
-        f"mean {_fmt(agg.get(DICE))} (by cases), HD95 {_fmt(agg.get(HD95), 1)} mm  |  "
+        f"mean {_fmt(agg.get(DICE))} (by cases), HD95 {_fmt(agg.get(HD95), 1)} mm{eps_txt}  |  "
         f"{_fmt(entry.get('seconds', {}).get('round'), 1)} s{fault_txt}"
     )
 
@@ -126,6 +165,7 @@ def write_report(path: Path, history: Mapping[str, Any]) -> Path:
             _table(rows, ["round", "phase", "site / node", "kind", "detail"]),
             "",
         ]
+    lines += _privacy_section(history)
     timings = history.get("timings", {})
     if timings:
         lines += ["## Timings", "", *(f"- {k}: {_fmt(v, 1)} s" for k, v in timings.items()), ""]
@@ -135,3 +175,75 @@ def write_report(path: Path, history: Mapping[str, Any]) -> Path:
         "",
     ]
     return write_text("\n".join(lines), path)
+
+
+def _privacy_section(history: Mapping[str, Any]) -> list[str]:
+    """``## Privacy``: what was protected, how much each site spent, who declined, what is not covered."""
+    priv = history.get("privacy") or {}
+    if priv.get("mode", "none") == "none" and not priv.get("client_level") and not priv.get("secagg"):
+        return []
+    lines = ["## Privacy", ""]
+    sample = priv.get("sample_level")
+    if sample:
+        lines += [
+            "Sample-level (patient-level) DP-SGD at every site: Opacus with Poisson sampling, one crop per "
+            "patient per step, each patient's gradient clipped to C and Gaussian noise added. Each site keeps a "
+            f"cumulative ledger in its own state folder (scope `{sample.get('ledger_scope')}`); epsilon below "
+            "is cumulative over that ledger. Budget "
+            f"{'none (report only)' if sample.get('epsilon') is None else sample.get('epsilon')}, enforced "
+            f"with accountant `{sample.get('accountant')}`.",
+            "",
+        ]
+        latest = latest_privacy(history)
+        if latest:
+            rows = [
+                [
+                    s,
+                    str(m.get("round", "-")),
+                    _fmt(m.get(DP_NOISE_MULTIPLIER), 3),
+                    _fmt(m.get(DP_SAMPLE_RATE), 3),
+                    _fmt(m.get(DP_MAX_GRAD_NORM), 2),
+                    f"{float(m.get(DP_DELTA, math.nan)):.2g}",
+                    str(int(m.get(DP_STEPS_TOTAL, 0))),
+                    _fmt(m.get(DP_EPSILON), 2),
+                    _fmt(m.get(DP_EPSILON_RDP), 2),
+                    _fmt(m.get(DP_EPSILON_RDP_CLASSIC), 2),
+                    _fmt(m.get(DP_EPSILON_PRV), 2),
+                    _fmt(m.get(DP_EPSILON_BUDGET), 2),
+                ]
+                for s, m in sorted(latest.items())
+            ]
+            header = ["site", "last round", "sigma", "q", "C", "delta", "steps (ledger)", "epsilon (enforced)",
+                      "RDP (Opacus conv.)", "RDP (classic conv.)", "PRV", "budget"]
+            lines += [_table(rows, header), "", "![epsilon per site](epsilon.png)", ""]
+        lines += [
+            "Not covered by epsilon: validation and test metrics (computed on held-out patients and released "
+            "without noise) and the run's timings. The training loss is not released under DP.",
+            "",
+        ]
+    declined = priv.get("declined") or []
+    if declined:
+        lines += ["Sites that declined a round because their privacy budget is spent:", ""]
+        lines += [f"- round {d['round']}: {d.get('site') or d.get('node_id')}: {d['detail'][:300]}" for d in declined]
+        lines += [""]
+    client = priv.get("client_level")
+    if client:
+        lines += [
+            f"Client-level (hospital-level) DP: {client.get('clipping')} clipping on the {client.get('side')} side, "
+            f"noise multiplier {client.get('noise_multiplier')}; figures per round in `history.json` "
+            "(`privacy.client_level_rounds`).",
+            "",
+        ]
+        rounds = priv.get("client_level_rounds") or []
+        if rounds:
+            last = rounds[-1]
+            eps = last.get("epsilon")
+            lines += [
+                f"- after round {last['round']}: clipping norm {_fmt(last.get('clipping_norm'), 3)}, noise std "
+                f"{_fmt(last.get('noise_stddev'), 4)}, client-level epsilon "
+                f"{_fmt(eps, 2) if eps is not None else 'not computed (' + str(last.get('epsilon_note')) + ')'}",
+                "",
+            ]
+    if priv.get("secagg"):
+        lines += ["Secure aggregation (SecAgg+): the server only received the masked sum of the sites' updates.", ""]
+    return lines

@@ -7,9 +7,10 @@
               plan.json               the federated plan sent to every site
               checkpoints/round_NNN.pt global model + strategy state + RNG + history after round NNN
               best.pt                 the global model with the best case-weighted validation Dice
-              history.json            per round: per-site and aggregated metrics, faults, timings
+              history.json            per round: per-site and aggregated metrics, faults, timings, privacy
               test_metrics.json       the best model on every site's test split
               dice.png  loss.png      curves per site vs round
+              epsilon.png             privacy=dp: cumulative epsilon per site vs round
               report.md               a short human-readable summary
 
 Every file is written atomically, so a crash never leaves a half-written one; a run killed after
@@ -76,6 +77,10 @@ class RunFiles:
     @property
     def loss_plot(self) -> Path:
         return self.root / "loss.png"
+
+    @property
+    def epsilon_plot(self) -> Path:
+        return self.root / "epsilon.png"
 
     @property
     def report(self) -> Path:

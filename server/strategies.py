@@ -30,7 +30,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from omegaconf import DictConfig
 
@@ -41,12 +48,14 @@ from medseg_core.federation import (
     NUM_EXAMPLES,
     SCAFFOLD_CONTROL,
     SCAFFOLD_DELTA_CONTROL,
+    SITE_WEIGHT,
     aggregate_by_cases,
     local_keys,
     parameter_keys,
     scaffold_server_update,
     zeros_like,
 )
+from medseg_core.privacy_report import is_privacy_metric
 
 #: attributes in which Flower's strategies keep state across rounds (server optimiser moments, momentum)
 FLOWER_STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
@@ -66,8 +75,13 @@ def aggregate_metrics_by_cases(records: list[RecordDict], weighted_by_key: str) 
     """Case-weighted mean of every metric of the replies, ignoring NaN (Flower's default propagates NaN).
 
     Used for both training and evaluation replies; the result keeps the total under ``weighted_by_key``.
+    Per-site privacy figures (``dp-*``: each site's sigma, steps, epsilon) are not averaged: a mean
+    epsilon over sites means nothing; the run loop keeps them per site.
     """
-    per_reply = {str(i): dict(next(iter(r.metric_records.values()))) for i, r in enumerate(records)}
+    per_reply = {
+        str(i): {k: v for k, v in next(iter(r.metric_records.values())).items() if not is_privacy_metric(k)}
+        for i, r in enumerate(records)
+    }
     merged = aggregate_by_cases(per_reply, weight_key=weighted_by_key)
     return MetricRecord({k: (v if math.isfinite(v) else float("nan")) for k, v in merged.items()})
 
@@ -233,6 +247,15 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     the attributes named in :data:`FLOWER_STATE_ATTRIBUTES` (the last global model they also keep is
     re-derived from the global model passed to the next round).
     """
+    if is_client_dp(strategy):  # Flower's DP wrapper: its (adaptive) clipping norm, accountant, inner strategy
+        accountant = getattr(strategy, "accountant", None)
+        return {
+            "client_dp": {
+                "clipping_norm": float(strategy.clipping_norm),
+                "accountant": None if accountant is None else copy.deepcopy(accountant.state_dict()),
+                "inner": strategy_state(strategy.strategy),
+            }
+        }
     if hasattr(strategy, "state_dict"):
         return copy.deepcopy({"own": strategy.state_dict()})
     return copy.deepcopy(
@@ -246,6 +269,14 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
 
 def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
     """Restore what :func:`strategy_state` returned."""
+    if "client_dp" in state:
+        saved = state["client_dp"]
+        strategy.clipping_norm = float(saved["clipping_norm"])
+        accountant = getattr(strategy, "accountant", None)
+        if accountant is not None and saved.get("accountant") is not None:
+            accountant.load_state_dict(saved["accountant"])
+        load_strategy_state(strategy.strategy, saved["inner"])
+        return
     if "own" in state:
         strategy.load_state_dict(state["own"])
         return
@@ -254,12 +285,18 @@ def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
             setattr(strategy, name, value)
 
 
-def build_strategy(cfg: DictConfig, model: torch.nn.Module) -> Strategy:
+def build_strategy(cfg: DictConfig, model: torch.nn.Module, num_sites: int | None = None) -> Strategy:
     """The configured strategy, with ``fl``'s sampling settings and case-weighted metric aggregation.
+
+    With client-level DP (``privacy.client_dp``) the strategy averages the sites' models uniformly
+    (weight :data:`medseg_core.federation.SITE_WEIGHT` = 1 from every site: Flower's noise std
+    ``sigma * C / m`` assumes a plain mean) and is wrapped in Flower's DP wrapper
+    (:func:`wrap_client_dp`); training metrics stay case-weighted.
 
     Args:
         cfg: the run config (``strategy.server`` is a ``_partial_`` strategy; ``strategy.keep_local``).
         model: the global model (FedBN needs its normalisation keys, SCAFFOLD its parameter keys).
+        num_sites: enrolled sites (client-level DP only; default ``fl.min_available_nodes``).
 
     Raises:
         ValueError: bad sampling settings, or ``keep_local`` with a strategy other than FedBN.
@@ -296,4 +333,147 @@ def build_strategy(cfg: DictConfig, model: torch.nn.Module) -> Strategy:
         )
     if isinstance(target, type) and issubclass(target, Scaffold):
         kwargs["control_keys"] = parameter_keys(model)
-    return factory(**kwargs)
+    client_dp = (cfg.get("privacy") or {}).get("client_dp") is not None
+    if client_dp:
+        kwargs["weighted_by_key"] = SITE_WEIGHT
+        kwargs["train_metrics_aggr_fn"] = uniform_metric
+    strategy = factory(**kwargs)
+    if client_dp:
+        strategy = wrap_client_dp(cfg, strategy, int(num_sites or fl.min_available_nodes))
+    return strategy
+
+
+# --------------------------------------------------------------------------------------------------
+# client-level (hospital-level) central DP: Flower's strategy wrappers
+
+#: strategies whose aggregate is the (uniform) mean of the updates: Flower's noise std sigma*C/m is
+#: calibrated for exactly that; robust, adaptive-optimiser and site-specific strategies are refused
+CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
+_DP_WRAPPERS = {
+    ("fixed", "client"): DifferentialPrivacyClientSideFixedClipping,
+    ("fixed", "server"): DifferentialPrivacyServerSideFixedClipping,
+    ("adaptive", "client"): DifferentialPrivacyClientSideAdaptiveClipping,
+    ("adaptive", "server"): DifferentialPrivacyServerSideAdaptiveClipping,
+}
+_DP_WRAPPER_TYPES = tuple(_DP_WRAPPERS.values())
+
+
+def uniform_metric(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Training metrics stay case-weighted when the model is averaged uniformly (client-level DP)."""
+    return aggregate_metrics_by_cases(records, NUM_EXAMPLES)
+
+
+def num_sampled_sites(cfg: DictConfig, num_sites: int) -> int:
+    """Sites sampled per training round: what Flower's FedAvg samples out of ``num_sites`` connected."""
+    return max(int(num_sites * float(cfg.fl.fraction_train)), int(cfg.fl.min_train_nodes))
+
+
+def _flower_accountant(client_dp: Mapping[str, Any], num_sites: int) -> Any:
+    """Flower's RDP accountant for fixed clipping (needs the optional ``dp-accounting`` package).
+
+    Raises:
+        ValueError: ``client_dp.accountant`` names another accountant, or ``dp-accounting`` is missing.
+    """
+    name = client_dp.get("accountant")
+    if name in (None, "", "none"):
+        return None
+    if name != "rdp":
+        raise ValueError(f"privacy.client_dp.accountant must be 'rdp' or null, got {name!r}")
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    config = PrivacyConfig(
+        target_delta=float(client_dp.get("delta", 1e-3)),
+        population_size=int(num_sites),
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,  # a handful of hospitals: no sampling amplification
+        max_epsilon=None if client_dp.get("max_epsilon") is None else float(client_dp["max_epsilon"]),
+    )
+    try:
+        return RdpAccountant(config)
+    except ImportError as exc:
+        raise ValueError(
+            "privacy.client_dp.accountant=rdp needs the dp-accounting package (pip install 'medseg[dp]' or "
+            "pip install dp-accounting); set privacy.client_dp.accountant=null to run without client-level epsilon"
+        ) from exc
+
+
+def wrap_client_dp(cfg: DictConfig, strategy: Strategy, num_sites: int) -> Strategy:
+    """Wrap ``strategy`` in Flower's central-DP wrapper named by ``privacy.client_dp`` (or return it).
+
+    Args:
+        cfg: the run config (``privacy.client_dp``: ``clipping`` fixed|adaptive, ``side`` client|server,
+            ``noise_multiplier``, ``clipping_norm`` or the adaptive settings, ``accountant``, ``delta``).
+        strategy: the configured strategy; it must weigh sites uniformly (see :func:`build_strategy`).
+        num_sites: enrolled sites (the population of Flower's accountant and the sampling base).
+
+    Raises:
+        ValueError: an unknown clipping/side, a strategy whose aggregate is not the mean of the updates,
+            or a bad setting (Flower's wrappers validate the numbers).
+    """
+    client_dp = (cfg.get("privacy") or {}).get("client_dp")
+    if client_dp is None:
+        return strategy
+    name = str(cfg.strategy.get("name", ""))
+    if name not in CLIENT_DP_STRATEGIES:
+        raise ValueError(
+            f"client-level DP (privacy.client_dp) needs a strategy that averages the updates "
+            f"{CLIENT_DP_STRATEGIES}, got strategy={name}: Flower's noise is calibrated for a uniform mean"
+        )
+    key = (str(client_dp.get("clipping")), str(client_dp.get("side")))
+    if key not in _DP_WRAPPERS:
+        raise ValueError(
+            f"privacy.client_dp: clipping must be fixed|adaptive and side client|server, got {key[0]!r}, {key[1]!r}"
+        )
+    wrapper = _DP_WRAPPERS[key]
+    m = num_sampled_sites(cfg, num_sites)
+    sigma = float(client_dp.noise_multiplier)
+    if key[0] == "fixed":
+        return wrapper(
+            strategy, sigma, float(client_dp.clipping_norm), m, accountant=_flower_accountant(client_dp, num_sites)
+        )
+    stddev = client_dp.get("clipped_count_stddev")
+    return wrapper(
+        strategy,
+        sigma,
+        m,
+        initial_clipping_norm=float(client_dp.initial_clipping_norm),
+        target_clipped_quantile=float(client_dp.target_clipped_quantile),
+        clip_norm_lr=float(client_dp.clip_norm_lr),
+        clipped_count_stddev=None if stddev is None else float(stddev),
+    )
+
+
+def is_client_dp(strategy: Strategy) -> bool:
+    """Whether ``strategy`` is one of Flower's central-DP wrappers."""
+    return isinstance(strategy, _DP_WRAPPER_TYPES)
+
+
+def client_dp_figures(strategy: Strategy) -> dict[str, Any] | None:
+    """This round's client-level DP figures for ``history.json`` (``None`` without client-level DP).
+
+    ``noise_stddev`` is Flower's ``sigma * C / m`` added to the mean of ``m`` sampled sites' clipped
+    updates; ``epsilon`` / ``delta`` come from Flower's accountant (fixed clipping with ``accountant: rdp``)
+    and are ``None`` otherwise, with the reason in ``epsilon_note``.
+    """
+    if not is_client_dp(strategy):
+        return None
+    sigma, clip, m = float(strategy.noise_multiplier), float(strategy.clipping_norm), int(strategy.num_sampled_clients)
+    out: dict[str, Any] = {
+        "wrapper": type(strategy).__name__,
+        "noise_multiplier": sigma,
+        "clipping_norm": clip,
+        "num_sampled_sites": m,
+        "noise_stddev": sigma * clip / m,
+        "epsilon": None,
+        "delta": None,
+    }
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None:
+        spent = accountant.get_privacy_spent()
+        out.update(epsilon=float(spent.epsilon), delta=float(spent.delta), releases=int(spent.num_releases))
+    elif isinstance(strategy, (DifferentialPrivacyClientSideAdaptiveClipping, DifferentialPrivacyServerSideAdaptiveClipping)):
+        out["epsilon_note"] = "Flower accounts for fixed clipping only"
+    else:
+        out["epsilon_note"] = "privacy.client_dp.accountant is null"
+    return out

@@ -9,6 +9,14 @@ import math
 import pytest
 
 from client.privacy import (
+    DPSettings,
+    LedgerError,
+    PrivacyBudgetExhausted,
+    PrivacyLedger,
+    ledger_path,
+    resolve_ledger_scope,
+)
+from medseg_core.privacy_report import (
     DP_EPSILON,
     DP_EPSILON_BUDGET,
     DP_EPSILON_PRV,
@@ -16,12 +24,7 @@ from client.privacy import (
     DP_EPSILON_RDP_CLASSIC,
     DP_STEPS_TOTAL,
     REPORT_KEYS,
-    DPSettings,
-    LedgerError,
-    PrivacyBudgetExhausted,
-    PrivacyLedger,
     epsilon_series,
-    ledger_path,
     plot_epsilon,
 )
 
@@ -47,6 +50,16 @@ def test_ledger_survives_a_restart_and_keeps_growing(tmp_path):
     on_disk = json.loads(path.read_text())
     assert on_disk["format"] == "medseg-privacy-ledger" and [r["round"] for r in on_disk["rounds"]] == [1, 2]
     assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave no temporary file
+
+
+def test_auto_scope_is_per_run_in_simulation_and_lifetime_at_a_deployed_site():
+    assert resolve_ledger_scope("auto", simulated=True) == "run"
+    assert resolve_ledger_scope("auto", simulated=False) == "site"
+    assert resolve_ledger_scope("site", simulated=True) == "site"
+    with pytest.raises(ValueError, match="'forever'"):
+        resolve_ledger_scope("forever", simulated=False)
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        ledger_path("/tmp", "run", "auto")
 
 
 def test_run_scope_puts_the_ledger_in_the_run_folder(tmp_path):
