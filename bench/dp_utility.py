@@ -1,6 +1,6 @@
 """Benchmark: utility vs privacy, test Dice of the federated model vs each site's patient-level ε budget.
 
-    python bench/dp_utility.py                     # eps in {1, 4, 8, inf}, seeds 0 1 2 (about 10-20 min on 2 CPUs)
+    python bench/dp_utility.py                     # eps in {1, 4, 8, inf}, seeds 0 1 2 (about 7-10 min on 2 CPUs)
     python bench/dp_utility.py --quick             # 2 rounds, one seed: a smoke run
     python bench/dp_utility.py --write-docs        # also update "## Utility vs privacy" in docs/benchmarks.md
 
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cases", type=int, default=12, help="labelled cases per site (before the val split)")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--cache", type=Path, default=None, help="data cache (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, seed 0 only")
     parser.add_argument("--write-docs", action="store_true")

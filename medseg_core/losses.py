@@ -150,6 +150,41 @@ class MonaiLoss(SegLoss):
         return out.reshape(out.shape[0], -1).mean(dim=1)  # [B]
 
 
+class PresentClassLoss(MonaiLoss):
+    """A MONAI class-wise overlap loss averaged, per sample, over the classes present in that sample.
+
+    Ours: MONAI's Dice/Tversky losses average every class of a sample. For a class absent from a
+    sample's ground truth the per-sample Dice is ``1 - s/(sum(p) + s)`` with a tiny smoothing ``s``: its
+    gradient ``s / (sum(p) + s)^2`` becomes enormous exactly when the network predicts little of that
+    class, and drives a small, often-absent class (a lesion) to zero probability everywhere. nnU-Net
+    avoids this with a *batch* Dice, which mixes patients and so breaks per-patient DP clipping. Here
+    the overlap term of each sample covers only the classes in its own ground truth; the cross-entropy
+    term of a compound loss still penalises false positives of absent classes. A sample with no
+    foreground class at all contributes 0 to the overlap term.
+
+    Args:
+        loss: MONAI ``DiceLoss``/``TverskyLoss`` built with ``reduction="none"``, ``batch=False``,
+            ``to_onehot_y=True`` (its output is ``[B, C', 1, ...]``).
+        include_background: the same value the MONAI loss was built with.
+    """
+
+    def __init__(self, loss: nn.Module, include_background: bool, reduction: str = "mean") -> None:
+        super().__init__(loss, reduction)
+        self.include_background = bool(include_background)
+
+    def per_sample(self, logits, target, weight_map=None):
+        _check_pair(logits, target)
+        out = self.loss(logits, target)  # [B, C', 1, ...] per-sample, per-class loss
+        per_class = out.reshape(out.shape[0], -1)  # [B, C']
+        num_classes = logits.shape[1]
+        t = target.reshape(target.shape[0], -1).long()  # [B, N]
+        present = torch.stack([(t == c).any(dim=1) for c in range(num_classes)], dim=1)  # [B, C]
+        if not self.include_background:
+            present = present[:, 1:]
+        present = present.to(per_class.dtype)
+        return (per_class * present).sum(dim=1) / present.sum(dim=1).clamp_min(1.0)  # [B]
+
+
 class CrossEntropyLoss(SegLoss):
     """Softmax cross-entropy averaged over the voxels of each sample.
 
@@ -487,15 +522,20 @@ def _dice_args(include_background: bool, smooth_nr: float, smooth_dr: float) -> 
     }
 
 
+def _overlap(loss: nn.Module, include_background: bool, ignore_empty: bool) -> SegLoss:
+    return PresentClassLoss(loss, include_background) if ignore_empty else MonaiLoss(loss)
+
+
 def _dice(
     include_background: bool = False,
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
     squared_pred: bool = False,
     jaccard: bool = False,
+    ignore_empty: bool = False,
 ) -> SegLoss:
     args = _dice_args(include_background, smooth_nr, smooth_dr)
-    return MonaiLoss(DiceLoss(squared_pred=squared_pred, jaccard=jaccard, **args))
+    return _overlap(DiceLoss(squared_pred=squared_pred, jaccard=jaccard, **args), include_background, ignore_empty)
 
 
 def _dice_ce(
@@ -506,8 +546,9 @@ def _dice_ce(
     lambda_dice: float = 1.0,
     lambda_ce: float = 1.0,
     label_smoothing: float = 0.0,
+    ignore_empty: bool = False,
 ) -> SegLoss:
-    dice = _dice(include_background, smooth_nr, smooth_dr, squared_pred)
+    dice = _dice(include_background, smooth_nr, smooth_dr, squared_pred, ignore_empty=ignore_empty)
     return CompoundLoss({"dice": (dice, lambda_dice), "ce": (CrossEntropyLoss(label_smoothing), lambda_ce)})
 
 
@@ -519,8 +560,9 @@ def _dice_focal(
     lambda_dice: float = 1.0,
     lambda_focal: float = 1.0,
     gamma: float = 2.0,
+    ignore_empty: bool = False,
 ) -> SegLoss:
-    dice = _dice(include_background, smooth_nr, smooth_dr, squared_pred)
+    dice = _dice(include_background, smooth_nr, smooth_dr, squared_pred, ignore_empty=ignore_empty)
     # Softmax focal over all classes: dropping the background channel before a softmax would change
     # the distribution, so include_background only applies to the Dice term (as CE in Dice+CE).
     focal = FocalLoss(
@@ -539,10 +581,11 @@ def _tversky(
     beta: float = 0.7,
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
+    ignore_empty: bool = False,
 ) -> SegLoss:
     args = _dice_args(include_background, smooth_nr, smooth_dr)
     alpha, beta = _check_non_negative("alpha", alpha), _check_non_negative("beta", beta)
-    return MonaiLoss(TverskyLoss(alpha=alpha, beta=beta, **args))
+    return _overlap(TverskyLoss(alpha=alpha, beta=beta, **args), include_background, ignore_empty)
 
 
 def _generalized_dice(
@@ -577,8 +620,9 @@ def _dice_border_ce(
     sigma: float = 5.0,
     spacing_mm: Sequence[float] | None = None,
     class_balance: bool = True,
+    ignore_empty: bool = False,
 ) -> SegLoss:
-    dice = _dice(include_background, smooth_nr, smooth_dr)
+    dice = _dice(include_background, smooth_nr, smooth_dr, ignore_empty=ignore_empty)
     border = BorderWeightedCELoss(w0, sigma, spacing_mm, class_balance)
     return CompoundLoss({"dice": (dice, lambda_dice), "border_ce": (border, lambda_ce)})
 

@@ -24,7 +24,7 @@ from monai.data import DataLoader, Dataset
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from medseg_core.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from medseg_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_json, write_text
 from medseg_core.config import CONFIG_PATH, config_hash
 from medseg_core.data.fingerprint import plan_federation, save_json
 from medseg_core.data.loaders import LoaderSettings, build_site_loaders
@@ -39,6 +39,7 @@ from medseg_core.engine import (
     train_one_epoch,
 )
 from medseg_core.metrics import aggregate
+from medseg_core.models.pretrained import PretrainedMismatchError, load_pretrained_from_config
 from medseg_core.plots import plot_curves
 from medseg_core.runtime import amp_enabled, resolve_device, seed_everything
 from medseg_core.workflow import (
@@ -101,8 +102,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     kwargs = model_config(cfg.model, in_channels=sites[0].num_channels, out_channels=sites[0].num_classes,
                           plan=plan)
-    model = prepare_model(build_configured_model(kwargs), device, channels_last=bool(cfg.train.channels_last),
-                          spatial_dims=spatial_dims)
+    model = build_configured_model(kwargs)
+    pretrained = load_pretrained_from_config(model, cfg.model, model_config=kwargs)  # None: from scratch
+    model = prepare_model(model, device, channels_last=bool(cfg.train.channels_last), spatial_dims=spatial_dims)
     forward_model = torch.compile(model) if cfg.train.compile else model
     loss_fn = hydra.utils.instantiate(cfg.loss)
     optimizer = build_optimizer(cfg.optim, model.parameters())
@@ -112,7 +114,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                  "config_hash": config_hash(cfg)}
 
     epochs = int(cfg.train.epochs)
-    history: dict[str, Any] = {"sites": [s.name for s in sites], "epochs": []}
+    history: dict[str, Any] = {"sites": [s.name for s in sites], "epochs": [],
+                               "pretrained": pretrained.as_dict() if pretrained is not None else None}
     best = {"dice": -math.inf, "epoch": None}
     print(f"medseg-train: {len(sites)} site(s) {history['sites']}, "
           f"{sum(len(ld.train.dataset) for ld in site_loaders.values())} training case(s), "
@@ -200,7 +203,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_dir = cfg.paths.run_dir or HydraConfig.get().runtime.output_dir
     try:
         run_training(cfg, run_dir)
-    except (DatasetError, FileNotFoundError) as exc:
+    except (DatasetError, FileNotFoundError, CheckpointError, PretrainedMismatchError) as exc:
         print(f"medseg-train: refusing to train: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -169,6 +169,14 @@ class FederatedRun:
         self.num_rounds = int(self.fl.num_rounds)
         if self.num_rounds < 1:
             raise ValueError(f"fl.num_rounds must be >= 1, got {self.num_rounds}")
+        if (cfg.get("privacy") or {}).get("secagg") is not None:
+            # Flower 1.41 offers SecAgg+ only through its legacy workflow (SecAggPlusWorkflow, fit/FitRes
+            # records); our round loop uses the message API. tests/privacy/test_dp_secagg.py shows the
+            # masked sum with Flower's workflow, but a run must not claim protection it does not have.
+            raise ValueError(
+                "privacy=secagg is not supported by the federated round loop yet (Flower's SecAgg+ exists only "
+                "for its legacy workflow); remove 'secagg' from the privacy options"
+            )
         self.timeout = float(self.fl.round_timeout_s)
         self.resume = bool(self.fl.get("resume", False))
         self.files = RunFiles(resolve_run_dir(cfg, resume=self.resume))

@@ -372,3 +372,28 @@ def test_every_loss_config_instantiates():
         assert torch.isfinite(loss(logits, target)), path
         cfg.deep_supervision = True
         assert isinstance(hydra.utils.instantiate(cfg), DeepSupervisionLoss), path
+
+
+def test_ignore_empty_dice_covers_only_the_classes_present_in_each_sample():
+    """A class absent from a sample's ground truth adds nothing (and no gradient) to its overlap term,
+    so a rarely present class is not driven to zero probability; per-sample values stay per sample."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    target[0, 0, 2:5, 2:5] = 1          # sample 0: class 1 only
+    target[1, 0, 1:3, 1:3] = 1          # sample 1: classes 1 and 2
+    target[1, 0, 5:7, 5:7] = 2
+    plain = build_loss("dice", reduction="none")
+    present = build_loss("dice", reduction="none", ignore_empty=True)
+    per_class = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, reduction="none")(logits, target)
+    per_class = per_class.reshape(2, 2)
+    out = present(logits, target)
+    torch.testing.assert_close(out[0], per_class[0, 0])            # class 2 absent: not averaged in
+    torch.testing.assert_close(out[1], per_class[1].mean())        # both present: the plain mean
+    torch.testing.assert_close(plain(logits, target)[1], out[1])
+    out[0].backward()
+    assert logits.grad[0, 2].abs().sum() > 0  # class 2 logits still move through the softmax of class 1...
+    logits.grad = None
+    empty = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    assert float(present(logits[:1], empty)) == 0.0  # no foreground class at all: no overlap term
+    assert float(build_loss("dice_ce", ignore_empty=True)(logits[:1], empty)) > 0  # CE still penalises

@@ -147,10 +147,11 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         name: registry name (see :func:`list_models`).
         **kwargs: ``spatial_dims``, ``in_channels``, ``out_channels`` (required), ``norm``,
             ``dp_compatible`` and the model's own arguments. Lists (also OmegaConf ``ListConfig``)
-            are converted to tuples.
+            are converted to tuples. ``pretrained`` (a path or ``{path, allow_mismatch}``, the
+            ``model.pretrained`` config key) loads a ``medseg-pretrain`` encoder after building.
 
     Returns:
-        The model, with freshly initialised weights.
+        The model, with freshly initialised weights (or the pretrained encoder's, where given).
 
     Raises:
         ValueError: unknown name; missing, unknown or invalid arguments; ``dp_compatible=True`` for a
@@ -159,6 +160,13 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """
     spec = get_model_spec(name)
     kwargs = {k: _plain(v) for k, v in kwargs.items()}
+    pretrained = kwargs.pop("pretrained", None)
+    if pretrained not in (None, ""):
+        from medseg_core.models.pretrained import load_pretrained_from_config
+
+        model = build_model(name, **kwargs)
+        load_pretrained_from_config(model, {"pretrained": pretrained}, model_config={"name": name, **kwargs})
+        return model
     signature = inspect.signature(spec.builder)
     try:
         bound = signature.bind(**kwargs)

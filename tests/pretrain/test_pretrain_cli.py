@@ -72,7 +72,7 @@ def test_its_encoder_loads_into_the_training_model_with_a_clean_report(cli_run):
     payload = read_encoder_checkpoint(path)
     assert payload["encoder"]["method"] == "mim" and payload["encoder"]["model_name"] == "unet"
     assert payload["plan"]["patch_size"] and payload["channel_names"]
-    cfg = compose_config("train", [*TINY_UNET, f"+model.pretrained={path}"])
+    cfg = compose_config("train", [*TINY_UNET, f"model.pretrained={path}"])
     kwargs = model_config(cfg.model, in_channels=1, out_channels=3, plan=payload["plan"])
     model = build_configured_model(kwargs)
     report = load_pretrained_from_config(model, cfg.model, model_config=kwargs, log=None)
@@ -162,3 +162,18 @@ def test_a_given_plan_is_used_as_is_and_cases_carry_no_label(cli_run, synth_fed,
     site = load_site(synth_fed / "site_00")
     cases = pretraining_cases(site, unlabelled=True, test=True, train=True)
     assert len(cases) == len(site.cases) and all(c.label_path is None for c in cases)
+
+
+@pytest.mark.slow
+def test_medseg_train_starts_from_the_encoder_and_records_the_key_report(cli_run, synth_fed, tmp_path):
+    from medseg_core.train_cli import run_training
+
+    run_dir, _ = cli_run
+    path = run_dir / "encoder.pt"
+    cfg = compose_config("train", [*TINY_UNET, f"model.pretrained={path}", f"data.root={synth_fed}",
+                                   "train.epochs=1", "train.progress=false", "eval.hd95=false"])
+    run_training(cfg, tmp_path / "ft")
+    history = json.loads((tmp_path / "ft" / "history.json").read_text())
+    report = history["pretrained"]
+    assert report is not None and report["loaded"] and not report["unexpected"] and not report["mismatched"]
+    assert len(report["loaded"]) == len(read_encoder_checkpoint(path)["encoder"]["keys"])

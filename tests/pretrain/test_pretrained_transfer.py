@@ -144,7 +144,7 @@ def test_model_pretrained_in_a_training_config_loads_the_encoder(tmp_path):
     path = export_encoder(_trained(MaskedImageModel(kwargs)), tmp_path / "encoder.pt")
     assert load_pretrained_from_config(_seg(kwargs), plain.model, model_config=kwargs) is None
 
-    cfg = compose_config("train", [*tiny, f"+model.pretrained={path}"])
+    cfg = compose_config("train", [*tiny, f"model.pretrained={path}"])
     kwargs = model_config(cfg.model, in_channels=1, out_channels=3)  # pops `pretrained`
     assert "pretrained" not in kwargs
     lines: list[str] = []
@@ -155,7 +155,7 @@ def test_model_pretrained_in_a_training_config_loads_the_encoder(tmp_path):
     assert all(torch.equal(seg.state_dict()[k], v) for k, v in state.items())
 
     wider = compose_config("train", ["model.channels=[4,8,32]", "model.strides=[2,2]", "model.num_res_units=1",
-                                      f"+model.pretrained={{path:{path},allow_mismatch:true}}"])
+                                      f"model.pretrained={{path:{path},allow_mismatch:true}}"])
     kwargs = model_config(wider.model, in_channels=1, out_channels=3)
     report = load_pretrained_from_config(_seg(kwargs), wider.model, model_config=kwargs, log=None)
     assert report.applied and report.mismatched
