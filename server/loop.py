@@ -173,6 +173,11 @@ class FederatedRun:
             # Flower 1.41 offers SecAgg+ only through its legacy workflow (SecAggPlusWorkflow, fit/FitRes
             # records); our round loop uses the message API. tests/privacy/test_dp_secagg.py shows the
             # masked sum with Flower's workflow, but a run must not claim protection it does not have.
+            # Plan: for the train phase, wrap the strategy in a legacy flwr.server.strategy adapter and run
+            # flwr.server.workflow.SecAggPlusWorkflow inside DefaultWorkflow with a LegacyContext over the
+            # same grid; on the site, ClientApp(mods=[secaggplus_mod, flwr.client.mod.fixedclipping_mod])
+            # and a handler that accepts "fitins.*" and replies via flwr.common.compat fitres_to_recorddict.
+            # Not combinable with robust aggregators, FedBN or SCAFFOLD.
             raise ValueError(
                 "privacy=secagg is not supported by the federated round loop yet (Flower's SecAgg+ exists only "
                 "for its legacy workflow); remove 'secagg' from the privacy options"
