@@ -34,6 +34,7 @@ from pathlib import Path
 
 import monai
 import torch
+from docs_block import write_block
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from medseg_core.data.dataset import load_site
@@ -175,19 +176,6 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
-def update_docs(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Data pipeline`` section of ``path``, leaving other sections alone."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -233,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         m = result["machine"]
         section = "\n".join([
-            SECTION,
-            "",
             f"Command: `{result['command']}`",
             "",
             f"One synthetic CT site, {args.cases} training cases of {' x '.join(map(str, args.shape))} voxels "
@@ -253,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             table,
             "",
         ])
-        update_docs(args.docs, section)
+        write_block("data_pipeline", SECTION, section, args.docs)
         print(f"\nupdated {args.docs}", file=sys.stderr)
     return 0
 

@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from docs_block import write_block
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizer
 
@@ -44,8 +45,6 @@ from medseg_core.losses import build_loss
 from medseg_core.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- dp_overhead:begin -->", "<!-- dp_overhead:end -->"
 
 CASES = {
     "unet2d": {"model": {"name": "unet", "spatial_dims": 2, "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
@@ -217,7 +216,7 @@ def summarize(case: dict, memory: dict[str, float | None]) -> dict:
 def markdown(results: list[dict], command: str, device: torch.device) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.machine()}), {torch.get_num_threads()} torch thread(s)"
-    lines = [BEGIN, "", f"Command: `{command}`  ", f"Machine: {where}; torch {torch.__version__}; "
+    lines = [f"Command: `{command}`  ", f"Machine: {where}; torch {torch.__version__}; "
              f"{'wall' if device.type == 'cuda' else 'CPU'} s/step: median over the interleaved rounds; time ratio: median over rounds of the ratio within a round; memory: rise during one step.", ""]
     for res in results:
         lines += [f"**{res['case']}** batch {'×'.join(map(str, res['batch']))}, {res['params']:,} parameters", "",
@@ -231,16 +230,7 @@ def markdown(results: list[dict], command: str, device: torch.device) -> str:
         for v, why in res["failed"].items():
             lines.append(f"| {v} | failed: {why} | | | | |")
         lines.append("")
-    lines.append(END)
     return "\n".join(lines)
-
-
-def update_docs(block: str) -> None:
-    text = DOCS.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOCS}: no '{BEGIN}' ... '{END}' block in the Differential privacy section")
-    head, rest = text.split(BEGIN, 1)
-    DOCS.write_text(head + block + rest.split(END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(results, command, device)
     print(md)
     if args.write_docs:
-        update_docs(md)
+        write_block("dp_overhead", "### Cost of a private step (bench/dp_overhead.py)", md)
     return 0
 
 

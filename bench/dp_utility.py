@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from docs_block import write_block
 
 from client.app import app as client_app
 from medseg_core.config import load_config
@@ -122,20 +123,13 @@ def plot(summary: list[dict], path: Path) -> Path:
 
 
 def write_docs(table: str, command: str, png: Path, setup: str) -> None:
-    """Replace (or append) the ``## Utility vs privacy`` section of docs/benchmarks.md."""
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
-    body = (f"{SECTION}\n\nCommand: `{command}` ({setup}; {torch.get_num_threads()} thread(s), "
+    """Rewrite this bench's block of the ``## Utility vs privacy`` section of docs/benchmarks.md."""
+    body = (f"Command: `{command}` ({setup}; {torch.get_num_threads()} thread(s), "
             f"{time.strftime('%Y-%m-%d')}).\n\n{table}\n\n![Dice vs epsilon]({png.relative_to(DOCS.parent)})\n\n"
             "Each site's budget covers the whole run (σ calibrated once over all rounds × local epochs). "
             "Validation Dice, used to pick the best round, and the test Dice come from held-out patients "
-            "and are outside the guarantee.\n")
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip() + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[nxt + 1:] if nxt >= 0 else "")
-    DOCS.write_text(text, encoding="utf-8")
+            "and are outside the guarantee.")
+    write_block("dp_utility", SECTION, body, DOCS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,9 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from docs_block import write_block
 from monai.losses import DiceCELoss
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -30,8 +30,6 @@ from medseg_core.engine import memory_format, train_one_epoch
 from medseg_core.losses import build_loss
 from medseg_core.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Training step (bench/train_step.py)"
 
 CASES = {
@@ -161,7 +159,7 @@ def bench_case(name: str, spec: dict, shape: tuple[int, ...], rounds: int, steps
 
 
 def markdown(results: list[dict], command: str) -> str:
-    lines = [SECTION, "", f"Command: `{command}`  ", f"Machine: {platform.machine()}, {torch.get_num_threads()} "
+    lines = [f"Command: `{command}`  ", f"Machine: {platform.machine()}, {torch.get_num_threads()} "
              f"torch threads, torch {torch.__version__}, CPU.", ""]
     for res in results:
         lines += [f"**{res['case']}** batch {'×'.join(map(str, res['batch']))}, {res['params']:,} parameters, "
@@ -176,17 +174,6 @@ def markdown(results: list[dict], command: str) -> str:
             lines.append(f"| {k} | failed: {why} | | | | |")
         lines.append("")
     return "\n".join(lines)
-
-
-def update_docs(section_md: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        text = head + section_md + ("\n" + rest[nxt + 1:] if nxt >= 0 else "\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section_md + "\n"
-    DOCS.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(results, command.strip())
     print(md)
     if args.write_docs:
-        update_docs(md)
+        write_block("train_step", SECTION, md)
     return 0
 
 

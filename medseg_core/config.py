@@ -28,9 +28,10 @@ CONFIG_PATH = "pkg://configs"
 PRIMARY_CONFIGS = ("fl", "train", "pretrain")
 RUN_CONFIG_EXPERIMENT = "experiment"
 RUN_CONFIG_OVERRIDES = "overrides"
-# Keys that describe *where* a run happens rather than *what* is trained; they do not enter the hash
-# that clients compare with the server's.
-_HASH_EXCLUDED_KEYS = ("paths",)
+# Keys that describe *where* a run happens rather than *what* is trained (folders that differ from machine
+# to machine by design, e.g. ``data.cache_dir`` from ``$MEDSEG_CACHE_DIR``); they never enter the hash
+# that sites compare with the server's, nor the one a resumed run compares with its checkpoint.
+SITE_LOCAL_KEYS = ("paths", "data.root", "data.cache_dir", "fl.state_dir")
 
 # Hydra's global state is not thread-safe; Flower may call ClientApps from several threads.
 _LOCK = threading.Lock()
@@ -125,15 +126,24 @@ def load_config(
     return compose_config(config_name, run_config_overrides(run_config) + tuple(overrides))
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Short SHA-256 of the resolved config, ignoring site-local keys (paths).
+def config_hash(cfg: DictConfig, ignore: Iterable[str] = ()) -> str:
+    """Short SHA-256 of the resolved config, without :data:`SITE_LOCAL_KEYS` and ``ignore``.
+
+    The keys (dotted paths) are blanked *before* interpolations are resolved, so values derived from
+    them (``train.epochs: ${fl.num_rounds}``, ``fl.state_dir: ${data.cache_dir}/...``) are ignored too.
 
     Raises:
         omegaconf.errors.InterpolationResolutionError: the config has an unresolvable interpolation.
     """
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(container, dict)
-    for key in _HASH_EXCLUDED_KEYS:
-        container.pop(key, None)
-    text = OmegaConf.to_yaml(OmegaConf.create(container), sort_keys=True)
+    for dotted in (*SITE_LOCAL_KEYS, *ignore):
+        node: object = container
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = None
+    resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+    text = OmegaConf.to_yaml(OmegaConf.create(resolved), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medseg_core import metrics
 from medseg_core.config import config_hash
@@ -95,8 +95,6 @@ NODE_NUM_PARTITIONS = "num-partitions"
 
 #: config keys that may change when a run is resumed (everything else must match the stored run)
 RESUME_FREE_KEYS = ("fl.resume", "fl.num_rounds")
-#: config keys naming folders on one machine; they may differ between the server and the sites
-SITE_LOCAL_KEYS = ("data.root", "data.cache_dir", "fl.state_dir")
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -132,29 +130,14 @@ def loads(text: str, what: str) -> dict[str, Any]:
     return obj
 
 
-def _hash_without(cfg: DictConfig, dotted_keys: Iterable[str]) -> str:
-    """:func:`medseg_core.config.config_hash` with ``dotted_keys`` blanked *before* interpolations are
-    resolved (so values derived from them, e.g. ``train.epochs: ${fl.num_rounds}``, are blanked too)."""
-    container = OmegaConf.to_container(cfg, resolve=False)
-    assert isinstance(container, dict)
-    for dotted in dotted_keys:
-        node: Any = container
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node:
-            node[leaf] = None
-    return config_hash(OmegaConf.create(container))
-
-
 def protocol_hash(cfg: DictConfig) -> str:
     """The ``config-hash`` the server sends and every site compares with its own.
 
-    The resolved config without ``paths`` and without :data:`SITE_LOCAL_KEYS` (folders that differ from
+    The resolved config without :data:`medseg_core.config.SITE_LOCAL_KEYS` (folders that differ from
     machine to machine by design, e.g. ``data.cache_dir`` from ``$MEDSEG_CACHE_DIR``): what must match is
     what is trained and how, not where each party keeps its files.
     """
-    return _hash_without(cfg, SITE_LOCAL_KEYS)
+    return config_hash(cfg)
 
 
 def resume_identity(cfg: DictConfig) -> str:
@@ -163,7 +146,7 @@ def resume_identity(cfg: DictConfig) -> str:
     :func:`protocol_hash`, also ignoring :data:`RESUME_FREE_KEYS`: ``fl.resume`` itself, and
     ``fl.num_rounds`` (and what is derived from it) so a finished run can be extended.
     """
-    return _hash_without(cfg, (*SITE_LOCAL_KEYS, *RESUME_FREE_KEYS))
+    return config_hash(cfg, ignore=RESUME_FREE_KEYS)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,24 +43,17 @@ from pretrain.engine import evaluate_pretraining, pretrain_one_epoch, reconstruc
 from pretrain.export import export_encoder
 from pretrain.plots import plot_reconstruction
 
-#: settings that may change when a run is resumed (more epochs, quieter output), with neutral values
-RESUMABLE_CHANGES = {("train", "epochs"): 0, ("train", "progress"): False, ("train", "vis_every"): 0,
-                     ("resume",): True}
+#: settings that may change when a run is resumed (more epochs, quieter output)
+RESUMABLE_KEYS = ("train.epochs", "train.progress", "train.vis_every", "resume")
 #: scheduler state that is progress (kept on resume); the rest (e.g. T_max = train.epochs) follows the config
 SCHEDULER_PROGRESS = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step")
 CHECKPOINT_KIND = "pretrain-state"
 
 
 def resume_hash(cfg: DictConfig) -> str:
-    """Hash of the config with the settings a resumed run may change (:data:`RESUMABLE_CHANGES`) neutralised
-    *before* interpolations are resolved (a cosine schedule's ``T_max: ${train.epochs}`` may change too)."""
-    container = OmegaConf.to_container(cfg, resolve=False)
-    for path, neutral in RESUMABLE_CHANGES.items():
-        node = container
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = neutral
-    return config_hash(OmegaConf.create(container))
+    """Hash of the config without the settings a resumed run may change (:data:`RESUMABLE_KEYS`; a
+    cosine schedule's ``T_max: ${train.epochs}`` follows them)."""
+    return config_hash(cfg, ignore=RESUMABLE_KEYS)
 
 
 def collect_images(cfg: DictConfig, sites: list[SiteDataset]) -> dict[str, tuple[SiteDataset, list[Case]]]:

@@ -121,3 +121,12 @@ def test_bad_inputs_fail_clearly():
         run_config_overrides({"overrides": "seed='1"})
     with pytest.raises(Exception, match="nonexistent_option"):
         load_config({"overrides": "model=nonexistent_option"})
+
+
+def test_config_hash_ignores_site_local_folders_and_what_derives_from_them():
+    base = load_config()
+    for where in ("data.root=/a", "data.cache_dir=/b", "fl.state_dir=/c"):
+        assert config_hash(load_config({"overrides": where})) == config_hash(base), where
+    longer = load_config({"overrides": "fl.num_rounds=7"})  # train.epochs: ${fl.num_rounds} follows it
+    assert config_hash(longer) != config_hash(base)
+    assert config_hash(longer, ignore=["fl.num_rounds"]) == config_hash(base, ignore=["fl.num_rounds"])
