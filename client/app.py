@@ -19,6 +19,14 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from omegaconf import DictConfig
 
 from client.local import TrainInstructions, evaluate_round, train_round
+from client.pretrain_site import (
+    RECONSTRUCTION_PNG,
+    enrollment,
+    evaluate_pretraining_round,
+    pretrain_data,
+    pretrain_round,
+)
+from client.secure_agg import secure_agg_mod
 from client.site import SiteRef, SiteState, load_validated_site, resolve_site, site_data
 from medseg_core.config import load_config
 from medseg_core.data.fingerprint import check_plan, compute_site_fingerprint
@@ -39,6 +47,7 @@ from medseg_core.federation import (
     KEY_SPLIT,
     METRICS,
     NUM_EXAMPLES,
+    PRETRAIN_ACTION,
     SCAFFOLD_CONTROL,
     SCAFFOLD_DELTA_CONTROL,
     SITE,
@@ -66,7 +75,9 @@ def client_dp_mod(msg: Message, context: Context, call_next) -> Message:
     return mod(msg, context, call_next)
 
 
-app = ClientApp(mods=[client_dp_mod])
+# SecAgg+ outermost (its key-exchange stages are train messages too): client-side clipping happens inside it,
+# before masking
+app = ClientApp(mods=[secure_agg_mod, client_dp_mod])
 
 
 class ConfigMismatchError(ValueError):
@@ -184,5 +195,51 @@ def evaluate(msg: Message, context: Context) -> Message:
         split=str(config.get(KEY_SPLIT, SPLIT_VAL)),
         server_round=int(config[KEY_SERVER_ROUND]),
         state=state,
+    )
+    return _reply(msg, ref, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# federated self-supervised pretraining (experiment=fl_pretrain; client/pretrain_site.py, server/pretrain_loop.py)
+
+
+@app.query(PRETRAIN_ACTION)
+def pretrain_enroll(msg: Message, context: Context) -> Message:
+    """Round 0 of pretraining: validate, count the images; fingerprint only when no plan came (and labels exist)."""
+    cfg, config, ref = _setup(msg, context)
+    num_images, fp = enrollment(ref, cfg, fingerprint=not config.get(KEY_PLAN))
+    records = {KEY_FINGERPRINT: ConfigRecord({KEY_FINGERPRINT: dumps(fp)})} if fp is not None else {}
+    return _reply(msg, ref, {NUM_EXAMPLES: num_images}, **records)
+
+
+@app.train(PRETRAIN_ACTION)
+def pretrain_train(msg: Message, context: Context) -> Message:
+    """Masked-reconstruction training on the site's own images from the global model; reply every weight."""
+    cfg, config, ref = _setup(msg, context)
+    plan = _plan(config)
+    instructions = TrainInstructions(
+        server_round=int(config[KEY_SERVER_ROUND]),
+        lr=float(config[KEY_LR]),
+        local_epochs=int(config.get(KEY_LOCAL_EPOCHS, cfg.fl.local_epochs)),
+    )
+    arrays, metrics = pretrain_round(
+        cfg, pretrain_data(ref, cfg, plan), plan, _to_numpy(msg.content.array_records[ARRAYS]), instructions
+    )
+    return _reply(msg, ref, metrics, **{ARRAYS: _to_record(arrays)})
+
+
+@app.evaluate(PRETRAIN_ACTION)
+def pretrain_evaluate(msg: Message, context: Context) -> Message:
+    """The global model's reconstruction loss on the site's held-out images (a picture at the last round)."""
+    cfg, config, ref = _setup(msg, context)
+    plan = _plan(config)
+    last = int(config[KEY_SERVER_ROUND]) >= int(cfg.fl.num_rounds)
+    state = SiteState(ref.state_root, str(config[KEY_RUN_NAME]))
+    metrics = evaluate_pretraining_round(
+        cfg,
+        pretrain_data(ref, cfg, plan),
+        plan,
+        _to_numpy(msg.content.array_records[ARRAYS]),
+        picture=state.dir / RECONSTRUCTION_PNG if last else None,
     )
     return _reply(msg, ref, metrics)

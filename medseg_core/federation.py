@@ -18,6 +18,23 @@ Protocol, one run::
               site   -> server       metrics (num-examples = evaluated cases; dice, hd95, ...), site-name
     final     server -> every node   evaluate   best global arrays, split=test
 
+Under ``privacy.secagg`` the train phase of a round is Flower's SecAgg+ protocol (server/secure_agg.py,
+client/secure_agg.py): four ``train`` messages per site (setup, share keys, collect masked vectors,
+unmask); the third carries the round's weights in Flower's legacy layout (``fitins.parameters``, a list
+whose keys are in ``fitins.config[array-keys]``) and the site replies its update (trained - received)
+times its weight, quantised and masked, with its metrics in ``fitres.metrics`` (not masked) and site-name.
+
+Federated self-supervised pretraining (``experiment=fl_pretrain``) uses the same records under the
+custom action ``pretrain``::
+
+    round 0   server -> every node   query.pretrain     config: config-hash, run-name [, plan]
+              site   -> server       num-examples = the site's pretraining *images*, site-name
+                                     [, fingerprint: only when no plan was sent and the site has labels]
+    round r   server -> sampled      train.pretrain     reconstruction-model arrays, config as for train
+              site   -> server       arrays, metrics (num-examples = training images, train-loss)
+              server -> sampled      evaluate.pretrain  arrays, config ...
+              site   -> server       metrics (num-examples = held-out images, eval-loss)
+
 Kebab-case is used for every key that travels (Flower's convention); Python names are snake_case.
 """
 
@@ -55,6 +72,8 @@ SCAFFOLD_DELTA_CONTROL = "scaffold-delta-control"
 
 #: custom query action of round 0 (message type ``query.fingerprint``)
 FINGERPRINT_ACTION = "fingerprint"
+#: custom action of federated pretraining (``query.pretrain``, ``train.pretrain``, ``evaluate.pretrain``)
+PRETRAIN_ACTION = "pretrain"
 
 # ConfigRecord keys, server -> site
 KEY_SERVER_ROUND = "server-round"  # injected by Flower's strategies
@@ -68,6 +87,9 @@ KEY_SPLIT = "split"
 SPLIT_VAL = "val"
 SPLIT_TEST = "test"
 SPLITS = (SPLIT_VAL, SPLIT_TEST)
+#: SecAgg+ rounds only (legacy ``fitins.*`` layout, whose weights are a nameless list): JSON list of the
+#: weights' state-dict keys, in the order of that list
+KEY_ARRAY_KEYS = "array-keys"
 
 # ConfigRecord keys, site -> server
 KEY_SITE_NAME = "site-name"

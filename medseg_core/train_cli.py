@@ -46,6 +46,7 @@ from medseg_core.workflow import (
     build_configured_model,
     foreground_classes,
     model_config,
+    plan_options,
     pooled_loader,
     roi_size,
     to_container,
@@ -88,7 +89,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     root = ensure_data_root(cfg.data, progress=progress)
     sites = validated_sites(root, cfg.data.sites, skip_bad=bool(cfg.data.skip_bad_cases))
-    fingerprints, _merged, plan = plan_federation(sites)
+    fingerprints, _merged, plan = plan_federation(sites, **plan_options(cfg))
     save_json({s.name: fp for s, fp in zip(sites, fingerprints, strict=True)}, run_dir / "fingerprints.json")
     save_json(plan, run_dir / "plan.json")
 

@@ -29,6 +29,27 @@ def to_container(cfg: DictConfig | Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(cfg)
 
 
+def plan_options(cfg: DictConfig | Mapping[str, Any]) -> dict[str, int]:
+    """Keyword arguments of :func:`medseg_core.data.fingerprint.make_plan` from ``cfg.data.planning``.
+
+    Raises:
+        ValueError: a limit that is not a positive integer, or an unknown key.
+    """
+    planning = to_container((cfg.get("data") or {}).get("planning"))
+    allowed = {"max_patch_voxels", "max_patch_pixels_2d"}
+    unknown = sorted(set(planning) - allowed)
+    if unknown:
+        raise ValueError(f"data.planning: unknown setting(s) {unknown}; expected {sorted(allowed)}")
+    out = {}
+    for key, value in planning.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"data.planning.{key} must be a positive integer, got {value!r}")
+        out[key] = value
+    return out
+
+
 def validated_site(path: str | Path, *, skip_bad: bool = False, log=print) -> SiteDataset:
     """Validate a site folder and load it; refuse bad data (or drop bad cases when asked).
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from medseg_core.workflow import model_config
 from pretrain.base import PretrainModel
 from pretrain.mae_transunet import TransUNetMAE
 from pretrain.mae_vit import ViTMAE
@@ -73,3 +75,39 @@ def build_pretrain_model(pretrain_cfg: DictConfig | Mapping[str, Any], model_kwa
     if method == "mae_transunet":
         return TransUNetMAE(model_kwargs, seed=seed, **settings)
     return ViTMAE(model_kwargs, seed=seed, **settings)
+
+
+def check_patch_size(model: PretrainModel, plan: Mapping[str, Any], spatial_dims: int) -> list[int]:
+    """The training patch of the plan, checked against what the model accepts (before any training).
+
+    Raises:
+        ValueError: a model with fixed input size that differs from the patch, or a patch not divisible by
+            the mask block.
+    """
+    patch = [int(v) for v in (plan["patch_size"] if spatial_dims == 3 else plan["patch_size_2d"])]
+    fixed = model.fixed_input_size
+    if fixed is not None and tuple(fixed) != tuple(patch):
+        raise ValueError(f"model img_size {tuple(fixed)} differs from the plan's patch size {tuple(patch)}; "
+                         f"set model.img_size={patch} (or null) for {model.method}")
+    multiple = model.input_multiple
+    if any(p % m for p, m in zip(patch, multiple, strict=True)):
+        raise ValueError(f"the plan's patch size {patch} is not divisible by the mask block {tuple(multiple)}")
+    return patch
+
+
+def build_for_plan(cfg: DictConfig, plan: Mapping[str, Any]) -> PretrainModel:
+    """The pretraining model of a federated run, identical at the server and at every site.
+
+    The configured network (``cfg.model``) for the plan's channels and classes (not a site's own
+    ``dataset.json``), wrapped by ``cfg.pretrain``, initialised from ``cfg.seed``, with the plan's patch
+    checked against the mask block.
+
+    Raises:
+        ValueError: see :func:`build_pretrain_model` and :func:`check_patch_size`.
+    """
+    kwargs = model_config(cfg.model, in_channels=int(plan["num_channels"]), out_channels=int(plan["num_classes"]),
+                          plan=plan)
+    torch.manual_seed(int(cfg.seed))
+    model = build_pretrain_model(cfg.pretrain, kwargs, seed=int(cfg.seed))
+    check_patch_size(model, plan, int(kwargs.get("spatial_dims", 3)))
+    return model

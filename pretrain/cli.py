@@ -29,16 +29,15 @@ from medseg_core.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from medseg_core.config import CONFIG_PATH, config_hash
 from medseg_core.data.dataset import Case, SiteDataset
 from medseg_core.data.fingerprint import load_plan, plan_federation, save_json
-from medseg_core.data.loaders import LoaderSettings, build_unlabelled_loader, split_train_val
+from medseg_core.data.loaders import LoaderSettings, build_unlabelled_loader
 from medseg_core.data.problems import DatasetError
 from medseg_core.data.source import ensure_data_root
 from medseg_core.engine import build_optimizer, build_scheduler, prepare_model
 from medseg_core.plots import plot_curves
 from medseg_core.runtime import amp_enabled, resolve_device, seed_everything
-from medseg_core.workflow import model_config, pooled_loader, to_container, validated_sites
-from pretrain.base import PretrainModel
-from pretrain.builder import build_pretrain_model
-from pretrain.data import image_folder_site, manifest, pretraining_cases
+from medseg_core.workflow import model_config, plan_options, pooled_loader, to_container, validated_sites
+from pretrain.builder import build_pretrain_model, check_patch_size
+from pretrain.data import image_folder_site, manifest, pretraining_cases, split_images
 from pretrain.engine import evaluate_pretraining, pretrain_one_epoch, reconstruction_example, reseed_loader
 from pretrain.export import export_encoder
 from pretrain.plots import plot_reconstruction
@@ -80,12 +79,6 @@ def collect_images(cfg: DictConfig, sites: list[SiteDataset]) -> dict[str, tuple
     return chosen
 
 
-def _split(cases: list[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    if fraction <= 0 or len(cases) < 2:
-        return list(cases), []
-    return split_train_val(cases, fraction, seed)
-
-
 def _loader(parts: list[tuple[SiteDataset, list[Case]]], plan: dict, cfg: dict, settings: LoaderSettings,
             seed: int):
     loaders = [build_unlabelled_loader(site, plan, cfg, cases=cases, settings=settings)
@@ -95,27 +88,14 @@ def _loader(parts: list[tuple[SiteDataset, list[Case]]], plan: dict, cfg: dict, 
     return pooled_loader(loaders, batch_size=settings.batch_size, seed=seed)
 
 
-def _plan(sites: list[SiteDataset]) -> dict:
+def _plan(sites: list[SiteDataset], cfg: DictConfig) -> dict:
     """The plan ``medseg-train`` would make (fingerprints of the labelled training cases); sites holding
     only unlabelled scans take part through the shared plan but add no statistics."""
     planning = [s for s in sites if s.train_cases]
     if not planning:
         raise ValueError(f"sites {[s.name for s in sites]} have no labelled training case to plan the "
                          "preprocessing from; pass plan=PATH (e.g. the federation's plan.json)")
-    return plan_federation(planning)[2]
-
-
-def _check_patch(model: PretrainModel, plan: dict, spatial_dims: int) -> list[int]:
-    """The training patch of the plan, checked against what the model accepts (before any training)."""
-    patch = [int(v) for v in (plan["patch_size"] if spatial_dims == 3 else plan["patch_size_2d"])]
-    fixed = model.fixed_input_size
-    if fixed is not None and tuple(fixed) != tuple(patch):
-        raise ValueError(f"model img_size {tuple(fixed)} differs from the plan's patch size {tuple(patch)}; "
-                         f"set model.img_size={patch} (or null) for {model.method}")
-    multiple = model.input_multiple
-    if any(p % m for p, m in zip(patch, multiple, strict=True)):
-        raise ValueError(f"the plan's patch size {patch} is not divisible by the mask block {tuple(multiple)}")
-    return patch
+    return plan_federation(planning, **plan_options(cfg))[2]
 
 
 def run_pretraining(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -152,14 +132,14 @@ def run_pretraining(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     root = ensure_data_root(cfg.data, progress=progress)
     sites = validated_sites(root, cfg.data.sites, skip_bad=bool(cfg.data.skip_bad_cases))
-    plan = load_plan(cfg.plan) if cfg.plan else _plan(sites)
+    plan = load_plan(cfg.plan) if cfg.plan else _plan(sites, cfg)
     save_json(plan, run_dir / "plan.json")
 
     spatial_dims = int(cfg.model.spatial_dims)
     container = to_container(cfg)
     settings = LoaderSettings.from_config(container, progress=progress)
     chosen = collect_images(cfg, sites)
-    split = {name: _split(cases, float(cfg.images.val_fraction), seed) for name, (_, cases) in chosen.items()}
+    split = {name: split_images(cases, float(cfg.images.val_fraction), seed) for name, (_, cases) in chosen.items()}
     write_json({"train": manifest({n: s[0] for n, s in split.items()}),
                 "val": manifest({n: s[1] for n, s in split.items() if s[1]}),
                 "selection": to_container(cfg.images)}, run_dir / "images.json")
@@ -169,7 +149,7 @@ def run_pretraining(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     kwargs = model_config(cfg.model, in_channels=sites[0].num_channels, out_channels=sites[0].num_classes, plan=plan)
     model = build_pretrain_model(cfg.pretrain, kwargs, seed=seed)
-    patch = _check_patch(model, plan, spatial_dims)
+    patch = check_patch_size(model, plan, spatial_dims)
     model = prepare_model(model, device)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.get("sched"), optimizer)

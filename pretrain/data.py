@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg_core.data.dataset import Case, SiteDataset
+from medseg_core.data.loaders import split_train_val
 from medseg_core.data.problems import ERROR, DatasetError, Problem, problem
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -50,6 +51,17 @@ def pretraining_cases(site: SiteDataset, *, unlabelled: bool = True, test: bool 
     if train:
         chosen += site.train_cases
     return sorted((image_only(c) for c in chosen), key=lambda c: c.case_id)
+
+
+def split_images(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Training and held-out images (validation loss); none held out with ``val_fraction <= 0`` or one image.
+
+    Deterministic by case id (:func:`medseg_core.data.loaders.split_train_val`), so ``medseg-pretrain`` and a
+    federated site holding the same images split them the same way.
+    """
+    if val_fraction <= 0 or len(cases) < 2:
+        return list(cases), []
+    return split_train_val(cases, val_fraction, seed)
 
 
 def _read_image(path: Path, problems: list[Problem]) -> tuple[tuple[int, ...], np.ndarray] | None:

@@ -5,7 +5,8 @@ reason, so this loop drives the strategy's own ``configure_*`` / ``aggregate_*``
 
 1. round 0: every connected site validates its data and sends its fingerprint (aggregates only); the
    server merges them into ``plan.json`` and sends the plan with every later message;
-2. each round: train on the sampled sites, screen the replies (:mod:`server.replies`), aggregate,
+2. each round: train on the sampled sites (under ``privacy.secagg`` through Flower's SecAgg+: the strategy
+   aggregates only the sum, :mod:`server.secure_agg`), screen the replies (:mod:`server.replies`), aggregate,
    evaluate on the sites' validation cases, keep the best model (case-weighted Dice), checkpoint
    everything (global model, strategy state, RNG, history), plot and print a line;
 3. at the end: the best global model on every site's test split, ``report.md``.
@@ -63,9 +64,10 @@ from medseg_core.federation import (
     protocol_hash,
     resume_identity,
 )
+from medseg_core.models.pretrained import load_pretrained_from_config
 from medseg_core.privacy_report import DECLINED, plot_epsilon
 from medseg_core.runtime import rng_state, seed_everything, set_rng_state
-from medseg_core.workflow import build_configured_model, model_config
+from medseg_core.workflow import build_configured_model, model_config, plan_options
 from server.replies import INVALID, Fault, screen_replies, site_name
 from server.report import plot_history, privacy_settings, round_line, write_report
 from server.run_files import (
@@ -75,6 +77,7 @@ from server.run_files import (
     run_name_for,
     save_round_checkpoint,
 )
+from server.secure_agg import SecureAggregation
 from server.strategies import (
     FedBN,
     build_strategy,
@@ -139,19 +142,26 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, say: Say = say_pr
         time.sleep(0.5)
 
 
-def _send(grid: Grid, messages: Iterable[Message], timeout_s: float) -> tuple[list[Message], list[Message]]:
+def send_messages(
+    grid: Grid, messages: Iterable[Message], timeout_s: float
+) -> tuple[list[Message], list[Message]]:
+    """Send ``messages``; returns ``(sent, replies that arrived within timeout_s seconds)``."""
     sent = list(messages)
     if not sent:
         return [], []
     return sent, list(grid.send_and_receive(sent, timeout=timeout_s))
 
 
-def _metrics(msg: Message) -> dict[str, float]:
+def reply_metrics(msg: Message) -> dict[str, float]:
+    """The numbers of a reply's (only) MetricRecord."""
     return {
         k: v
         for k, v in next(iter(msg.content.metric_records.values())).items()
         if isinstance(v, (int, float))
     }
+
+
+_send, _metrics = send_messages, reply_metrics  # the short names used in this module
 
 
 class FederatedRun:
@@ -169,19 +179,10 @@ class FederatedRun:
         self.num_rounds = int(self.fl.num_rounds)
         if self.num_rounds < 1:
             raise ValueError(f"fl.num_rounds must be >= 1, got {self.num_rounds}")
-        if (cfg.get("privacy") or {}).get("secagg") is not None:
-            # Flower 1.41 offers SecAgg+ only through its legacy workflow (SecAggPlusWorkflow, fit/FitRes
-            # records); our round loop uses the message API. tests/privacy/test_dp_secagg.py shows the
-            # masked sum with Flower's workflow, but a run must not claim protection it does not have.
-            # Plan: for the train phase, wrap the strategy in a legacy flwr.server.strategy adapter and run
-            # flwr.server.workflow.SecAggPlusWorkflow inside DefaultWorkflow with a LegacyContext over the
-            # same grid; on the site, ClientApp(mods=[secaggplus_mod, flwr.client.mod.fixedclipping_mod])
-            # and a handler that accepts "fitins.*" and replies via flwr.common.compat fitres_to_recorddict.
-            # Not combinable with robust aggregators, FedBN or SCAFFOLD.
-            raise ValueError(
-                "privacy=secagg is not supported by the federated round loop yet (Flower's SecAgg+ exists only "
-                "for its legacy workflow); remove 'secagg' from the privacy options"
-            )
+        # privacy.secagg: the train phase of every round runs Flower's SecAgg+ (server.secure_agg); refuses here,
+        # before anything runs, strategies that need individual updates (robust aggregators, SCAFFOLD) and
+        # server-side clipping
+        self.secure_agg = SecureAggregation.from_config(cfg)
         self.timeout = float(self.fl.round_timeout_s)
         self.resume = bool(self.fl.get("resume", False))
         self.files = RunFiles(resolve_run_dir(cfg, resume=self.resume))
@@ -215,8 +216,7 @@ class FederatedRun:
             self.history["timings"]["setup_s"] = time.perf_counter() - t0
             for r in range(self.start_round, self.num_rounds + 1):
                 self._round(r, lrs[r - 1])
-            if bool(self.fl.get("final_test", True)):
-                self._final_test()
+            self._finish()
         except FederationStopped as exc:
             if self.history:  # never touch the files of a run this process did not start or load
                 self.history["status"] = "stopped"
@@ -229,13 +229,22 @@ class FederatedRun:
             self.history["timings"].get("total_s", 0.0) + time.perf_counter() - t0
         )
         self._write_history()
+        self.say(self._summary())
+        return self.history
+
+    def _finish(self) -> None:
+        """After the last round: the final test (``fl.final_test``)."""
+        if bool(self.fl.get("final_test", True)):
+            self._final_test()
+
+    def _summary(self) -> str:
+        """The last console line of a completed run."""
         test = self.history.get("test", {}).get("aggregate", {})
-        self.say(
+        return (
             f"done: best round {self.best['round']} (val Dice {self.best['dice']:.4f}); "
             f"test Dice {test.get(DICE, math.nan):.4f} over {int(test.get(NUM_EXAMPLES, 0))} case(s); "
             f"run directory {self.files.root}"
         )
-        return self.history
 
     # ---------------------------------------------------------------------------------------------
     def _base_config(self, round_idx: int, lr: float | None = None, split: str | None = None) -> ConfigRecord:
@@ -330,7 +339,10 @@ class FederatedRun:
         )
         torch.manual_seed(int(self.cfg.seed))  # the sites build with the same seed (FedBN's initial norms)
         self.model = build_configured_model(kwargs)
-        if not self.meta:
+        if not self.meta:  # a new run starts from model.pretrained, if set (a resumed one from its checkpoint)
+            report = load_pretrained_from_config(self.model, self.cfg.model, model_config=kwargs, log=self.say)
+            if report is not None:
+                self.history["pretrained"] = report.as_dict()
             self.meta = {
                 "model_config": kwargs,
                 "plan": self.plan,
@@ -380,7 +392,7 @@ class FederatedRun:
                 "node_id": msg.metadata.src_node_id,
                 "num_train_cases": int(_metrics(msg)[NUM_EXAMPLES]),
             }
-        fps, incompatible = _compatible(fps)
+        fps, incompatible = compatible_fingerprints(fps)
         for name in incompatible:
             node = self.history["enrollment"].pop(name)["node_id"]
             faults.append(
@@ -401,7 +413,7 @@ class FederatedRun:
                 f"fingerprint; fl.min_train_nodes={needed}"
             )
         merged = merge_fingerprints(list(fps.values()))
-        self.plan = make_plan(merged)
+        self.plan = make_plan(merged, **plan_options(self.cfg))
         warnings = [str(p) for fp in fps.values() for p in fingerprint_problems(fp)]
         if warnings:
             self.plan["warnings"] = warnings
@@ -455,7 +467,14 @@ class FederatedRun:
         msgs = self.strategy.configure_train(
             r, to_record(self.global_arrays), self._base_config(r, lr), self.grid
         )
-        sent, replies = _send(self.grid, msgs, self.timeout)
+        if self.secure_agg is not None:  # each reply carries the unmasked weighted mean, never a site's update
+            cases = {s: int(e["num_train_cases"]) for s, e in self.history["enrollment"].items()}
+            secure = self.secure_agg.train_round(self.grid, r, msgs, cases, self.node_sites)
+            sent, replies = secure.sent, secure.replies
+            entry["secure_aggregation"] = secure.summary
+            self.history.setdefault("privacy", {}).setdefault("secagg_rounds", []).append({"round": r, **secure.summary})
+        else:
+            sent, replies = _send(self.grid, msgs, self.timeout)
         valid, faults = screen_replies(
             "train", r, sent, replies, needs_arrays=True, min_examples=1, known_sites=self.node_sites
         )
@@ -589,7 +608,7 @@ def load_round_checkpoint_arrays(path: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in load_checkpoint(path)["state_dict"].items()}
 
 
-def _compatible(fps: Mapping[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def compatible_fingerprints(fps: Mapping[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Keep the largest group of fingerprints that can be merged (same labels, channels, dimensions)."""
     groups: dict[str, list[str]] = {}
     for name in sorted(fps):

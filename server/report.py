@@ -246,4 +246,10 @@ def _privacy_section(history: Mapping[str, Any]) -> list[str]:
             ]
     if priv.get("secagg"):
         lines += ["Secure aggregation (SecAgg+): the server only received the masked sum of the sites' updates.", ""]
+        lines += [  # per round: privacy.secagg_rounds in history.json
+            f"- round {s['round']}: {s['in_sum']} of {s['sampled']} site(s) in the secure sum"
+            + (f"; dropped: {', '.join(str(d.get('site') or d.get('node_id')) for d in s['dropped'])}" if s["dropped"] else "")
+            + (f"; no sum: {s['halted']}" if s.get("halted") else "")
+            for s in priv.get("secagg_rounds") or []
+        ] + ([""] if priv.get("secagg_rounds") else [])
     return lines

@@ -8,7 +8,10 @@ Every pipeline starts with the same deterministic part (what :class:`monai.data.
 
 Training then samples and augments::
 
-    RandCropByPosNegLabeld(patch size, pos/neg, num_samples)   (RandSpatialCropSamplesd without labels)
+    RandCropByLabelClassesd(patch size, centre class: background with weight neg, each foreground class
+      with pos / (K - 1), classes absent from the case skipped; num_samples)
+      [crop.by_class false: RandCropByPosNegLabeld(pos/neg) on any foreground]
+      (RandSpatialCropSamplesd without labels)
       [2D: a one-slice patch, squeezed]  -> RandFlipd per axis -> RandAffined (rotation + zoom)
       -> RandScaleIntensityd -> RandShiftIntensityd -> RandGaussianNoised -> float32 image, int64 label
 
@@ -36,6 +39,7 @@ from monai.transforms import (
     NormalizeIntensity,
     Orientationd,
     RandAffined,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -56,23 +60,24 @@ from medseg_core.data.fingerprint import (
 )
 
 IMAGE, LABEL = "image", "label"
-FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
+FG_INDICES, BG_INDICES, CLASS_INDICES = "fg_indices", "bg_indices", "class_indices"
 #: foreground / background voxels kept per case as candidate patch centres (nnU-Net keeps 10,000)
 MAX_CROP_CENTRES = 10_000
 
 #: defaults of ``configs/transforms/default.yaml`` (used when no config is passed)
 DEFAULT_AUGMENTATION: dict[str, dict[str, float]] = {
-    "crop": {"pos": 1.0, "neg": 1.0, "num_samples": 2},
+    "crop": {"pos": 1.0, "neg": 1.0, "num_samples": 2, "by_class": True},
     "flip": {"prob": 0.5},
     "affine": {"prob": 0.2, "rotate_deg": 15.0, "scale": 0.1},
     "intensity": {"scale_prob": 0.15, "scale": 0.1, "shift_prob": 0.15, "shift": 0.1},
     "noise": {"prob": 0.1, "std": 0.1},
 }
+_FLAGS = {("crop", "by_class")}
 _PROBABILITIES = {("flip", "prob"), ("affine", "prob"), ("intensity", "scale_prob"),
                   ("intensity", "shift_prob"), ("noise", "prob")}
 
 
-def augmentation_settings(cfg: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+def augmentation_settings(cfg: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Augmentation settings: :data:`DEFAULT_AUGMENTATION` updated with ``cfg`` (a dict or DictConfig).
 
     Raises:
@@ -88,6 +93,11 @@ def augmentation_settings(cfg: Mapping[str, Any] | None = None) -> dict[str, dic
         for key, value in (values or {}).items():
             if key not in out[group]:
                 raise ValueError(f"unknown transforms setting {group}.{key}; expected one of {sorted(out[group])}")
+            if (group, key) in _FLAGS:
+                if not isinstance(value, bool):
+                    raise ValueError(f"transforms.{group}.{key} must be true or false, got {value!r}")
+                out[group][key] = value
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"transforms.{group}.{key} must be a number, got {value!r}")
             out[group][key] = float(value)
@@ -222,7 +232,10 @@ class NormalizeByPland(MapTransform):
 
 class SampleCropCentresd(MapTransform):
     """Store up to ``max_centres`` foreground and background voxel indices of the label for
-    ``RandCropByPosNegLabeld`` (keys ``fg_indices`` / ``bg_indices``, flattened spatial indices).
+    ``RandCropByPosNegLabeld`` (keys ``fg_indices`` / ``bg_indices``, flattened spatial indices) or, with
+    ``num_classes``, up to ``max_centres`` indices of every class for ``RandCropByLabelClassesd`` (key
+    ``class_indices``: a list, entry ``c`` for label value ``c``, empty when the class is absent). The
+    crop consumes (pops) the keys it uses.
 
     Ours; the idea is nnU-Net's ``class_locations``. Without pre-computed indices MONAI's crop rescans
     the whole label at every draw (~0.1 s for 256x256x160), and MONAI's ``FgBgToIndicesd`` keeps every
@@ -234,17 +247,23 @@ class SampleCropCentresd(MapTransform):
         keys: the label key; labels are ``[1, *spatial]``.
         max_centres: indices kept per kind.
         seed: seed of the subsampling.
+        num_classes: store per-class indices for label values ``0..num_classes-1`` (single-channel
+            integer labels) instead of foreground/background ones.
 
     Raises:
-        ValueError: ``max_centres`` < 1.
+        ValueError: ``max_centres`` < 1 or ``num_classes`` < 2.
     """
 
-    def __init__(self, keys: Hashable = LABEL, max_centres: int = MAX_CROP_CENTRES, seed: int = 0) -> None:
+    def __init__(self, keys: Hashable = LABEL, max_centres: int = MAX_CROP_CENTRES, seed: int = 0,
+                 num_classes: int | None = None) -> None:
         super().__init__(keys)
         if max_centres < 1:
             raise ValueError(f"max_centres must be >= 1, got {max_centres}")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.max_centres = int(max_centres)
         self.seed = int(seed)
+        self.num_classes = num_classes
 
     def _subsample(self, rng: np.random.Generator, mask: np.ndarray, count: int) -> np.ndarray:
         n = self.max_centres
@@ -261,8 +280,14 @@ class SampleCropCentresd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            fg = np.asarray(torch.as_tensor(d[key]).detach().cpu()).reshape(d[key].shape[0], -1).any(axis=0)
+            label = np.asarray(torch.as_tensor(d[key]).detach().cpu())
             rng = np.random.default_rng(self.seed)
+            if self.num_classes is not None:
+                flat = label.reshape(-1)
+                masks = [flat == c for c in range(self.num_classes)]
+                d[CLASS_INDICES] = [self._subsample(rng, m, int(m.sum())) for m in masks]
+                continue
+            fg = label.reshape(label.shape[0], -1).any(axis=0)
             n_fg = int(fg.sum())
             d[FG_INDICES] = self._subsample(rng, fg, n_fg)
             d[BG_INDICES] = self._subsample(rng, ~fg, fg.size - n_fg)
@@ -296,6 +321,11 @@ def deterministic_transforms(plan: Mapping[str, Any], *, with_label: bool = True
     return steps
 
 
+def _class_balanced(plan: Mapping[str, Any], aug: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether training crops are centred class by class (only meaningful with 2+ foreground classes)."""
+    return bool(aug["crop"]["by_class"]) and int(plan["num_classes"]) > 2
+
+
 def random_transforms(plan: Mapping[str, Any], cfg: Mapping[str, Any] | None = None, *, with_label: bool = True,
                       spatial_dims: int = 3) -> list:
     """Patch sampling and augmentation applied after the cached prefix (training only)."""
@@ -303,7 +333,17 @@ def random_transforms(plan: Mapping[str, Any], cfg: Mapping[str, Any] | None = N
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     patch = list(plan["patch_size"]) if spatial_dims == 3 else [*plan["patch_size_2d"], 1]
     num_samples = int(aug["crop"]["num_samples"])
-    if with_label:  # crop centres from SampleCropCentresd (run before, in the cached part)
+    num_classes = int(plan["num_classes"])
+    if with_label and _class_balanced(plan, aug):
+        # nnU-Net's foreground sampling: a foreground centre is drawn from a class chosen uniformly, so a
+        # small class (a lesion) is centred as often as a large one (the organ). Classes absent from a
+        # case are skipped (MONAI renormalises the ratios per case).
+        fg_share = aug["crop"]["pos"] / (num_classes - 1)
+        crop = RandCropByLabelClassesd(keys=keys, label_key=LABEL, spatial_size=patch,
+                                       ratios=[aug["crop"]["neg"]] + [fg_share] * (num_classes - 1),
+                                       num_classes=num_classes, num_samples=num_samples,
+                                       indices_key=CLASS_INDICES, warn=False)
+    elif with_label:  # crop centres from SampleCropCentresd (run before, in the cached part)
         crop = RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=patch, pos=aug["crop"]["pos"],
                                       neg=aug["crop"]["neg"], num_samples=num_samples,
                                       fg_indices_key=FG_INDICES, bg_indices_key=BG_INDICES)
@@ -361,7 +401,8 @@ def build_transforms(plan: Mapping[str, Any], *, train: bool, cfg: Mapping[str, 
     steps = deterministic_transforms(plan, with_label=with_label, modalities=modalities, spatial_dims=spatial_dims)
     if train:
         if with_label:
-            steps.append(SampleCropCentresd(LABEL))
+            by_class = _class_balanced(plan, augmentation_settings(cfg))
+            steps.append(SampleCropCentresd(LABEL, num_classes=int(plan["num_classes"]) if by_class else None))
         steps += random_transforms(plan, cfg, with_label=with_label, spatial_dims=spatial_dims)
     else:
         augmentation_settings(cfg)  # validate the settings even when unused

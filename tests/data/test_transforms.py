@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Invertd
+from monai.transforms import Compose, Invertd
 from omegaconf import OmegaConf
 
 from medseg_core.data.dataset import load_federation, load_site
@@ -24,6 +24,7 @@ from medseg_core.data.loaders import (
 from medseg_core.data.synthetic import make_site
 from medseg_core.data.transforms import (
     BG_INDICES,
+    CLASS_INDICES,
     DEFAULT_AUGMENTATION,
     FG_INDICES,
     NormalizeByPland,
@@ -31,6 +32,7 @@ from medseg_core.data.transforms import (
     augmentation_settings,
     build_transforms,
     channel_normalization,
+    random_transforms,
 )
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "transforms" / "default.yaml"
@@ -102,7 +104,48 @@ def test_positive_only_crops_always_contain_foreground(sites, plan):
         for sample in tf(case.as_dict()):
             assert tuple(sample["label"].shape) == (1, 16, 16, 16)
             assert (sample["label"] > 0).any()
-            assert FG_INDICES not in sample and BG_INDICES not in sample
+            assert FG_INDICES not in sample and BG_INDICES not in sample and CLASS_INDICES not in sample
+
+
+def test_class_indices_per_label_value():
+    label = torch.zeros(1, 40, 40, 30, dtype=torch.uint8)
+    label[0, 5:25, 10:30, 3:20] = 1
+    label[0, 30:33, 30:33, 25:28] = 2  # 27 voxels
+    flat = label[0].reshape(-1).numpy()
+    out = SampleCropCentresd("label", max_centres=1000, seed=1, num_classes=4)({"label": label})
+    bg, organ, lesion, absent = out[CLASS_INDICES]
+    assert FG_INDICES not in out and BG_INDICES not in out
+    assert len(bg) == len(organ) == 1000 and len(lesion) == 27 and len(absent) == 0
+    assert np.all(flat[bg] == 0) and np.all(flat[organ] == 1) and np.all(flat[lesion] == 2)
+    with pytest.raises(ValueError, match="num_classes"):
+        SampleCropCentresd("label", num_classes=1)
+
+
+def _centre_labels(plan, by_class: bool, n_draws: int) -> np.ndarray:
+    """Label value at the centre of ``n_draws`` training crops of a case with an organ and a small lesion."""
+    small = {**plan, "patch_size": [8, 8, 8], "num_classes": 3}
+    cfg = {"crop": {"pos": 1.0, "neg": 1.0, "num_samples": n_draws, "by_class": by_class},
+           "flip": {"prob": 0.0}, "affine": {"prob": 0.0}}
+    label = torch.zeros(1, 32, 32, 32, dtype=torch.uint8)
+    label[0, 4:28, 4:28, 4:28] = 1  # 13,824 organ voxels
+    label[0, 14:17, 14:17, 14:17] = 2  # 27 lesion voxels: 0.2 % of the foreground
+    steps = [SampleCropCentresd("label", num_classes=3 if by_class else None)]
+    tf = Compose(steps + random_transforms(small, cfg))
+    tf.set_random_state(seed=0)
+    samples = tf({"image": torch.randn(1, 32, 32, 32), "label": label})
+    return np.array([int(s["label"][0, 4, 4, 4]) for s in samples])
+
+
+def test_class_balanced_crops_centre_small_classes(plan):
+    """nnU-Net's sampling: with pos = neg = 1 and two foreground classes, a quarter of the crops are
+    centred on the lesion however small it is; MONAI's pos/neg crop centres it in proportion to its size."""
+    balanced = _centre_labels(plan, True, 400)
+    plain = _centre_labels(plan, False, 400)
+    assert 0.17 < np.mean(balanced == 2) < 0.33
+    assert np.mean(balanced == 1) > 0.17  # background centres near the border shift onto the organ
+    assert np.mean(plain == 2) < 0.03
+    with pytest.raises(ValueError, match="by_class"):
+        augmentation_settings({"crop": {"by_class": 1.0}})
 
 
 def test_2d_training_patches_are_axial_slices(sites, plan):

@@ -161,10 +161,3 @@ def test_flowers_client_level_epsilon_grows_and_is_checkpointed(cache, tmp_path)
     first, second = history["privacy"]["client_level_rounds"]
     assert 0 < first["epsilon"] < second["epsilon"] and second["releases"] == 2  # restored on resume
     assert second["delta"] == pytest.approx(1e-3) and second["wrapper"] == "DifferentialPrivacyServerSideFixedClipping"
-
-
-def test_secagg_is_refused_until_the_round_loop_supports_it(cache, tmp_path):
-    """Selecting SecAgg+ must not silently run without it (the report would claim masked sums)."""
-    with pytest.raises(ValueError, match="privacy=secagg is not supported"):
-        run_inprocess(run_config(cache, tmp_path / "run", "privacy=secagg"))
-    assert not (tmp_path / "run" / "history.json").exists()

@@ -5,7 +5,8 @@ Flower 1.41 implements SecAgg+ for its legacy message layout only: ``SecAggPlusW
 ``flwr.server.strategy`` strategy inside ``DefaultWorkflow`` (``LegacyContext``), and ``secaggplus_mod``
 wraps a ClientApp whose train reply is a legacy ``FitRes``. This test runs exactly those pieces over
 the project's in-process grid (``server.inprocess.InProcessGrid``), with three sites whose updates are
-known, and inspects both sides of the wire.
+known, and inspects both sides of the wire. The round loop uses the same pieces under ``privacy=secagg``
+(``server/secure_agg.py``, ``client/secure_agg.py``; whole runs in ``tests/fl/test_fl_secagg_run.py``).
 """
 
 from __future__ import annotations

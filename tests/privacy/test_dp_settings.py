@@ -62,7 +62,7 @@ def test_options_of_the_privacy_group_combine():
     cfg = _cfg("privacy=[dp,client_dp_fixed,secagg]")
     assert cfg["privacy"]["mode"] == "dp"
     assert cfg["privacy"]["client_dp"]["clipping"] == "fixed" and cfg["privacy"]["client_dp"]["side"] == "client"
-    assert cfg["privacy"]["secagg"]["reconstruction_threshold"] == 1.0
+    assert cfg["privacy"]["secagg"]["reconstruction_threshold"] == 0.67
     assert DPSettings.from_config(cfg["privacy"]) is not None
     assert _cfg("privacy=client_dp_adaptive")["privacy"]["client_dp"]["clipping"] == "adaptive"
     assert DPSettings.from_config(_cfg("privacy=[none,secagg]")["privacy"]) is None
