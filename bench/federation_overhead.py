@@ -16,15 +16,19 @@ falls on all of them alike:
   :class:`server.inprocess.InProcessGrid` in one process (no Flower transport, no Ray; every site in a
   thread, one torch thread each, as Ray gives each simulated site one CPU);
 * ``plain``: the sites' compute only: :func:`client.local.train_round` and
-  :func:`client.local.evaluate_round` called for each site in turn with NumPy FedAvg in between, torch
-  using every core (no messages, no checkpoints, no plots).
+  :func:`client.local.evaluate_round` called directly, as many sites at once as there are CPUs (threads,
+  one torch thread each, as the simulation runs them), NumPy FedAvg in between (no messages, no
+  checkpoints, no plots). Torch with every core on one site at a time is no fair baseline on a shared
+  machine: its OpenMP threads wait for each other when another job takes a core (5x slower here).
 
 Per-round seconds come from each run's ``history.json`` (``rounds[i].seconds.round``: train + evaluate
-+ aggregation + checkpoint, as the ServerApp measures them) or, for ``plain``, its own timers. The
-fixed cost of a run is its wall time (launch to exit) minus the sum of its rounds, split into *start*
-(launch until the ServerApp loop begins: CLI, SuperLink, runtime, Ray, imports), *round 0* (the loop's
-setup: enrolment, fingerprints, plan, model) and *stop* (loop end, taken from the mtime of the run's
-last written file, until the launched command exits). Peak memory is the largest sum over the whole
++ aggregation + checkpoint, as the ServerApp measures them) or, for ``plain``, its own timers. CPU
+seconds per round are those of the whole process tree during the rounds (robust to other jobs on the
+machine, which delay a round but add nothing to its CPU time). The fixed cost of a run is its wall
+time (launch to exit) minus the sum of its rounds, split into *start* (launch until the ServerApp loop
+begins: CLI, SuperLink, runtime, Ray, imports), *round 0* (the loop's setup: enrolment, fingerprints,
+plan, model) and *stop* (loop end, taken from the mtime of the run's last written file, until the
+launched command exits). Peak memory is the largest sum over the whole
 process tree (every descendant ever seen, also after it is re-parented: SuperLink, SuperExec, the
 simulation process, Ray's GCS, raylet and workers) of the resident set (RSS: shared pages counted in
 each process) and of the proportional set (PSS: shared pages split between the processes that map
@@ -96,6 +100,7 @@ def prepare_data(sites: Sequence[int], args: argparse.Namespace, cache_dir: Path
     for n in sites:
         cfg = load_config(run_config(n, args, cache_dir, cache_dir / "unused"))
         info[f"root_{n}"] = str(ensure_data_root(cfg.data))
+    info["val_fraction"] = float(cfg.data.val_fraction)
     kwargs = {k: v for k, v in dict(cfg.model).items() if k not in ("_target_", "pretrained")}
     kwargs.update(in_channels=1, out_channels=3, channels=list(kwargs["channels"]), strides=list(kwargs["strides"]))
     model = build_model(kwargs.pop("name"), **kwargs)
@@ -152,7 +157,7 @@ def child_plain(rc: dict[str, str], out: Path) -> None:
         fp = compute_site_fingerprint(load_validated_site(ref, cfg))
         fp["sites"] = [ref.name]
         fingerprints.append(fp)
-    # as a site receives it from the server: through JSON (lists, not tuples)
+    # exactly what a site receives from the server (a JSON string in the round's config)
     plan = loads(dumps(make_plan(merge_fingerprints(fingerprints))), "plan")
     kwargs = model_config(cfg.model, in_channels=int(plan["num_channels"]),
                           out_channels=int(plan["num_classes"]), plan=plan)
@@ -523,13 +528,14 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], command: str, loa
     a = info["args"]
     load = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "n/a"
     repeats = rows[0]["repeats"] if rows else 0
+    val_cases = max(1, round(info["val_fraction"] * a["cases"]))  # medseg_core.data.loaders.split_train_val
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {info['machine']}, {info['cpus']} CPUs, 1-min load average after each run {load}; torch "
         f"{info['torch']}, flwr {info['flwr']}, {info['date']}; {info.get('minutes', 0):.0f} min in all.",
         "",
         f"Federation: the embedded synthetic one with N sites × {a['cases']} cases of {a['shape']}³ "
-        f"({a['cases'] - a['cases'] // 4} training + {a['cases'] // 4} validation each), MONAI 3D U-Net with "
+        f"({a['cases'] - val_cases} training + {val_cases} validation each), MONAI 3D U-Net with "
         f"{info['params']:,} parameters, {a['rounds']} rounds × 1 local epoch (1 crop per case, batch 2), FedAvg, "
         f"no final test; {repeats} interleaved repeat(s), each run a fresh process tree. *Round*: train + "
         "evaluate + aggregate + checkpoint, mean over the rounds of a run, median over repeats; *CPU*: user + "
@@ -540,7 +546,7 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], command: str, loa
         "",
         "| sites | round (s): Flower / in-process / plain | **Flower ÷ in-process** | Flower ÷ plain | "
         "round CPU (s): Flower / in-process (ratio) | fixed cost (s): Flower = start + round 0 + stop / "
-        "in-process | peak memory (MB): Flower / in-process |",
+        "in-process | peak memory (MB): Flower / in-process / plain |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -552,12 +558,19 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], command: str, loa
             f = row["flower"]
             fixed = f"{f['fixed_s']:.1f} = {f['start_s']:.1f} + {f['setup_s']:.1f} + {f['stop_s']:.1f}"
         memory = " / ".join(f"{row[arm]['peak_pss_mb']:.0f} ({row[arm]['peak_rss_mb']:.0f})" if arm in row else "-"
-                            for arm in ("flower", "inprocess"))
+                            for arm in ("flower", "inprocess", "plain"))
         lines.append(
             f"| {row['sites']} | {_cell(row, 'flower', 'round_s', '.2f')} / {_cell(row, 'inprocess', 'round_s', '.2f')}"
             f" / {_cell(row, 'plain', 'round_s', '.2f')} | {_ratio(row, 'ratio_inprocess', bold=True)} | "
             f"{_ratio(row, 'ratio_plain')} | {cpu} | {fixed} / {_cell(row, 'inprocess', 'fixed_s')} | {memory} |"
         )
+    per_repeat = [f"{row['sites']} sites " + ", ".join(f"{x:.2f}" for x in row["ratio_inprocess_per_repeat"])
+                  for row in rows if "ratio_inprocess_per_repeat" in row]
+    if per_repeat:
+        lines += ["", "Flower ÷ in-process in each repeat: " + "; ".join(per_repeat) + ". Stopping what `flwr run` "
+                  "leaves running (SuperLink, SuperExec) took a further "
+                  + ", ".join(f"{row['flower']['teardown_s']:.1f} s" for row in rows if "flower" in row)
+                  + " (not in the fixed cost)."]
     big = next((r for r in reversed(rows) if "flower" in r), None)
     if big is not None:
         parts = sorted(big["flower"]["peak_breakdown"].items(), key=lambda kv: -kv[1]["mb"])

@@ -100,12 +100,13 @@ def test_summary_pairs_runs_within_a_repeat_and_the_block_has_a_row_per_federati
         assert row["ratio_inprocess"] == pytest.approx(1.1) and row["ratio_plain"] == pytest.approx(2.2)
         assert row["cpu_ratio_inprocess"] == pytest.approx(1.2)
         assert row["flower"]["fixed_s"] == 20.0 and row["flower"]["peak_pss_mb"] == 2000.0
-    info = {"args": {"cases": 6, "shape": 48, "rounds": 2}, "params": 2045689, "machine": "x86_64", "cpus": 2,
+    info = {"args": {"cases": 6, "shape": 48, "rounds": 2}, "val_fraction": 0.25, "params": 2045689, "machine": "x86_64", "cpus": 2,
             "torch": "2", "flwr": "1.41", "date": "2026-01-01", "minutes": 3.0}
     md = bench.markdown(rows, info, "python bench/federation_overhead.py", [1.0, 3.0])
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert table[1].startswith("| 3 | 4.95 / 4.50 / 2.25 | **1.10×** | 2.20× | 3.6 / 3.0 (1.20×) | 20.0 = 10.0 + 5.0 + 5.0 / 5.0 |")
-    assert table[2].startswith("| 10 |") and "| 2000 (2600) / 800 (1040) |" in table[2]
+    assert table[2].startswith("| 10 |") and "| 2000 (2600) / 800 (1040) / 700 (910) |" in table[2]
+    assert "6 cases of 48³ (4 training + 2 validation each)" in md
     assert "2,045,689 parameters" in md and "Ray workers (ClientApp actors) 900 (2 processes)" in md
 
 
