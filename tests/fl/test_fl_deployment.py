@@ -200,6 +200,33 @@ def test_two_hospitals_train_over_tls_with_node_authentication(tmp_path, process
     assert set(history["rounds"][1]["train"]) == set(SITES)
     assert (tmp_path / "state" / "hospital_a").is_dir()  # the site's state lives where its node config says
 
+    # the same deployment with SecAgg+: the train phase goes through Flower's masking protocol end to end
+    secure_dir = tmp_path / "run-secagg"
+    flwr = subprocess.run(
+        [
+            "flwr",
+            "run",
+            str(REPO),
+            "hospitals",
+            "--stream",
+            "--run-config",
+            f"experiment='fl_smoke' overrides='paths.run_dir={secure_dir} fl.connect_timeout_s=120 "
+            f"fl.final_test=false fl.num_rounds=1 privacy=secagg'",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = flwr.stdout + flwr.stderr
+    assert flwr.returncode == 0, out
+    history = json.loads(RunFiles(secure_dir).history.read_text())
+    assert history["status"] == "completed", out
+    (secure,) = history["privacy"]["secagg_rounds"]
+    assert secure["in_sum"] == 2 and sorted(secure["sites_in_sum"]) == sorted(SITES), secure
+    assert not secure["dropped"] and secure["halted"] is None, secure
+
     # the unregistered node was refused and never took part
     assert rogue.wait(timeout=120) != 0
     superlink_log = (logs / "superlink.log").read_text()
