@@ -8,10 +8,7 @@ Flower's CLI starts a local SuperLink that outlives the command; the fixture giv
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 from pathlib import Path
 
@@ -20,47 +17,6 @@ import pytest
 from server.run_files import RunFiles
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_with(marker: str) -> list[int]:
-    """Processes whose command line contains ``marker`` (a path unique to this test)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-@pytest.fixture
-def flwr_env(tmp_path):
-    """Environment for `flwr run` isolated in ``tmp_path``; stops the local SuperLink afterwards."""
-    home = tmp_path / "flwr-home"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "MEDSEG_CACHE_DIR": str(tmp_path / "cache"),
-        "RAY_DEDUP_LOGS": "0",
-    }
-    yield env
-    for pid in _pids_with(str(home)):  # the SuperLink (its log file is under FLWR_HOME) and its group
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow

@@ -15,10 +15,10 @@ import json
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
-import test_fl_flwr_run as flwr_run_tests
 from fl_helpers import make_grid, run_config, run_inprocess
 from flwr.app import Context, Message
 
@@ -38,7 +38,8 @@ from server.strategies import to_numpy
 EXPERIMENT = "fl_pretrain_smoke"
 #: fl_smoke's tiny U-Net (what fl_pretrain_smoke pretrains), for the medseg-train side of the transfer
 TINY_UNET = ["model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1"]
-flwr_env = flwr_run_tests.flwr_env  # Flower CLI environment isolated in tmp_path (stops its own SuperLink)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +321,7 @@ def test_flwr_run_pretrains_and_exports_an_encoder_medseg_train_loads(flwr_env, 
     cmd = [
         "flwr",
         "run",
-        str(flwr_run_tests.REPO),
+        str(REPO),
         "--stream",
         "--run-config",
         f"experiment='{EXPERIMENT}' overrides='paths.run_dir={run_dir}'",

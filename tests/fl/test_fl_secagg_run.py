@@ -28,7 +28,6 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp.strategy import FedAvg
-from test_fl_flwr_run import flwr_env  # noqa: F401 - the fixture (isolated FLWR_HOME, stops the SuperLink)
 
 from client import app as client_module
 from client.app import client_dp_mod
@@ -350,7 +349,7 @@ def _readme_secagg_command() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="Flower CLI not installed")
-def test_readme_secagg_command_runs_in_flowers_simulation(flwr_env, tmp_path):  # noqa: F811
+def test_readme_secagg_command_runs_in_flowers_simulation(flwr_env, tmp_path):
     cmd = _readme_secagg_command()
     assert cmd[:3] == ["flwr", "run", "."]
     cmd[2] = str(REPO)
