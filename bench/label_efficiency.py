@@ -2,7 +2,7 @@
 
     python bench/label_efficiency.py                               # defaults: ~20-40 min on 2 CPU cores
     python bench/label_efficiency.py --quick                       # smoke run (minutes)
-    python bench/label_efficiency.py --federated-encoder run/encoder.pt   # + an encoder from `flwr run .`
+    python bench/label_efficiency.py --federated-encoder run/encoder.pt   # + an encoder from a real `flwr run .`
 
 Protocol (the same for every arm):
 
@@ -13,10 +13,11 @@ Protocol (the same for every arm):
 - pretraining never sees an evaluation patient: it reads the unlabelled scans and the *images* of the
   training patients (never a label; the test images are excluded);
 - arms: ``scratch``; ``central`` (``medseg-pretrain``'s building blocks on the pooled images);
-  ``fedavg-sim`` (the same pretraining as FedAvg rounds over the sites in this process: each site trains
-  on its own images from the global weights, the weights are averaged by image count; *not* the Flower
-  app) unless ``--fedavg-rounds 0``; ``federated`` from ``--federated-encoder`` (e.g. the encoder the
-  Flower app exports);
+  ``federated`` (the Flower app's federated pretraining, ``experiment=fl_pretrain``: the real ServerApp
+  loop :class:`server.pretrain_loop.FederatedPretrainRun` and ClientApp over
+  :class:`server.inprocess.InProcessGrid`; each site trains on its own images, FedAvg by image count,
+  the server exports ``encoder.pt``) unless ``--fed-rounds 0``; ``flwr-run`` from ``--federated-encoder``
+  (an encoder from a real ``flwr run`` with the same model and images);
 - fine-tuning: ``--fractions`` of the labelled patients (stratified by site, nested: the 10 % subset
   is inside the 25 % one), ``--seeds`` seeds (each seed draws its own subsets, decoder initialisation,
   crops and augmentations; all arms share them), the same number of optimiser steps, learning rate,
@@ -49,10 +50,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 
-from medseg_core.data.fingerprint import plan_federation  # noqa: E402
+from client.app import app as client_app  # noqa: E402
+from medseg_core.config import load_config  # noqa: E402
+from medseg_core.data.fingerprint import plan_federation, save_json  # noqa: E402
 from medseg_core.data.loaders import LoaderSettings, build_site_loaders, build_unlabelled_loader  # noqa: E402
 from medseg_core.data.synthetic import make_federation  # noqa: E402
 from medseg_core.engine import evaluate, train_one_epoch  # noqa: E402
+from medseg_core.federation import TRAIN_LOSS  # noqa: E402
 from medseg_core.models.pretrained import load_pretrained_encoder  # noqa: E402
 from medseg_core.runtime import seed_everything  # noqa: E402
 from medseg_core.workflow import build_configured_model, foreground_classes, pooled_loader, validated_sites  # noqa: E402
@@ -60,6 +64,8 @@ from pretrain.builder import build_pretrain_model  # noqa: E402
 from pretrain.data import pretraining_cases  # noqa: E402
 from pretrain.engine import pretrain_one_epoch, reseed_loader  # noqa: E402
 from pretrain.export import export_encoder  # noqa: E402
+from server.inprocess import InProcessGrid  # noqa: E402
+from server.pretrain_loop import ENCODER_FILE, FederatedPretrainRun  # noqa: E402
 
 MODEL = {"name": "unet", "spatial_dims": 3, "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1,
          "norm": "instance", "dp_compatible": False}
@@ -115,37 +121,27 @@ def pretrain_central(sites, plan, args, out: Path, log) -> Path:
     return export_encoder(model, out / "encoder_central.pt", loss_curve=losses)
 
 
-def pretrain_fedavg(sites, plan, args, out: Path, log) -> Path:
-    """FedAvg over sites in this process: local epoch(s) from the global weights, average by image count."""
-    seed_everything(0)
-    images = pretrain_images(sites)
-    loaders = {}
-    for i, s in enumerate(sites):
-        settings, tf = _settings(i, args.batch_size, args.num_samples)
-        loaders[s.name] = build_unlabelled_loader(s, plan, cases=images[s.name], settings=settings, transforms_cfg=tf)
-    cfg = {**MODEL, "in_channels": 1, "out_channels": args.classes}
-    global_model = build_pretrain_model(PRETRAIN, cfg, seed=0)
-    weights = {n: len(c) for n, c in images.items()}
-    total = sum(weights.values())
-    losses, start = [], time.perf_counter()
-    for rnd in range(args.fedavg_rounds):
-        states, round_loss = {}, []
-        for i, s in enumerate(sites):
-            local = build_pretrain_model(PRETRAIN, cfg, seed=1000 * rnd + i)
-            local.load_state_dict(global_model.state_dict())
-            opt = torch.optim.AdamW(local.parameters(), lr=args.pretrain_lr, weight_decay=0.05)
-            reseed_loader(loaders[s.name], 1000 * rnd + i)
-            for _ in range(args.fedavg_local_epochs):
-                round_loss.append(pretrain_one_epoch(local, loaders[s.name], opt, device=torch.device("cpu"),
-                                                     grad_clip_norm=3.0)["loss"])
-            states[s.name] = local.state_dict()
-        averaged = {k: sum(states[n][k].float() * (weights[n] / total) for n in states).to(v.dtype)
-                    for k, v in global_model.state_dict().items()}
-        global_model.load_state_dict(averaged)
-        losses.append(statistics.mean(round_loss))
-    log({"pretrain": "fedavg-sim", "rounds": args.fedavg_rounds, "local_epochs": args.fedavg_local_epochs,
+def pretrain_federated(data: Path, plan_path: Path, args, out: Path, log) -> Path:
+    """Federated pretraining with the Flower app (in-process grid), on the same images as ``central``."""
+    run_dir = out / "fl-pretrain"
+    model = (f"model.channels=[{','.join(map(str, MODEL['channels']))}] "
+             f"model.strides=[{','.join(map(str, MODEL['strides']))}] model.num_res_units={MODEL['num_res_units']}")
+    rc = {"experiment": "fl_pretrain", "overrides": (
+        f"data.root={data} plan={plan_path} paths.run_dir={run_dir} data.cache_dir={out / 'cache'} {model} "
+        f"pretrain.mask_ratio={PRETRAIN['mask_ratio']} images.unlabelled=true images.train=true images.test=false "
+        f"images.val_fraction=0 fl.num_rounds={args.fed_rounds} fl.local_epochs={args.fed_local_epochs} "
+        f"fl.min_train_nodes={args.sites} fl.min_evaluate_nodes={args.sites} fl.min_available_nodes={args.sites} "
+        f"optim.lr={args.pretrain_lr} optim.weight_decay=0.05 sched=none train.batch_size={args.batch_size} "
+        f"transforms.crop.num_samples={args.num_samples} seed=0")}
+    cfg = load_config(rc)
+    grid = InProcessGrid([client_app] * args.sites,
+                         [{"partition-id": i, "num-partitions": args.sites} for i in range(args.sites)], run_config=rc)
+    start = time.perf_counter()
+    history = FederatedPretrainRun(grid, cfg, say=lambda _line: None).run()
+    losses = [r.get("train_aggregate", {}).get(TRAIN_LOSS, math.nan) for r in history["rounds"]]
+    log({"pretrain": "federated", "rounds": args.fed_rounds, "local_epochs": args.fed_local_epochs,
          "loss_first": losses[0], "loss_last": losses[-1], "seconds": time.perf_counter() - start})
-    return export_encoder(global_model, out / "encoder_fedavg_sim.pt", loss_curve=losses)
+    return run_dir / ENCODER_FILE
 
 
 def finetune(arm: str, encoder: Path | None, sites, subset, test_loaders, plan, seed: int, args) -> dict[str, Any]:
@@ -299,10 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=2, help="crops per case")
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
-    p.add_argument("--fedavg-rounds", type=int, default=10, help="0: no in-process FedAvg arm")
-    p.add_argument("--fedavg-local-epochs", type=int, default=2)
+    p.add_argument("--fed-rounds", type=int, default=10, help="federated pretraining rounds (0: no 'federated' arm)")
+    p.add_argument("--fed-local-epochs", type=int, default=2)
     p.add_argument("--federated-encoder", type=Path, default=None,
-                   help="encoder.pt exported by federated pretraining (Flower app): adds the 'federated' arm")
+                   help="encoder.pt exported by a real `flwr run` federated pretraining: adds the 'flwr-run' arm")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--metric", default="organ",
                    help="Dice compared: a class name (synthetic data: organ, lesion), class-mean or case-mean")
@@ -320,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.sites, args.cases, args.test, args.unlabelled, args.shape = 2, 4, 1, 2, 32
-        args.seeds, args.steps, args.pretrain_epochs, args.fedavg_rounds, args.fedavg_local_epochs = [0, 1], 4, 1, 1, 1
+        args.seeds, args.steps, args.pretrain_epochs, args.fed_rounds, args.fed_local_epochs = [0, 1], 4, 1, 1, 1
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "log.jsonl"
@@ -338,16 +334,18 @@ def main(argv: list[str] | None = None) -> None:
         (data / ".complete").write_text("ok")
     sites = validated_sites(data, log=lambda *_: None)
     plan = plan_federation(sites)[2]
+    plan_path = save_json(plan, args.out / "plan.json")
     args.classes = sites[0].num_classes
     settings, tf = _settings(0, 1, args.num_samples)
     test_loaders = {s.name: build_site_loaders(s, plan, settings=settings, transforms_cfg=tf).val for s in sites}
 
     encoders: dict[str, Path | None] = {"scratch": None}
     encoders["central"] = pretrain_central(sites, plan, args, args.out, log)
-    if args.fedavg_rounds > 0:
-        encoders["fedavg-sim"] = pretrain_fedavg(sites, plan, args, args.out, log)
+    if args.fed_rounds > 0:
+        encoders["federated"] = pretrain_federated(data.resolve(), Path(plan_path).resolve(), args,
+                                                   args.out.resolve(), log)
     if args.federated_encoder is not None:
-        encoders["federated"] = args.federated_encoder
+        encoders["flwr-run"] = args.federated_encoder
     arms = list(encoders)
 
     rows = []
