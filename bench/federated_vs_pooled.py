@@ -50,8 +50,12 @@ SHIFTED_SITES = ("site_01", "site_02")
 
 
 def run_federated(cache: Path, strategy: str, seed: int, setup: str, work: Path) -> Path:
-    """One federated run in this process; returns its run directory."""
+    """One federated run in this process (a completed one in ``work`` is reused); returns its run directory."""
     run_dir = work / f"{strategy}-s{seed}"
+    done = run_dir / "history.json"
+    if done.is_file() and json.loads(done.read_text()).get("status") == "completed":
+        print(f"{strategy} seed {seed}: reusing the completed run in {run_dir}", flush=True)
+        return run_dir
     rc = {"experiment": "", "overrides": f"data.cache_dir={cache} paths.run_dir={run_dir} seed={seed} "
                                          f"strategy={strategy} {setup}"}
     cfg = load_config(rc)

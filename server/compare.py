@@ -82,6 +82,8 @@ def baseline_config(fed_cfg, *, seed: int, epochs: int, run_dir: Path, sites: Se
         batch_size=fed["train"]["batch_size"],
         grad_clip_norm=fed["train"]["grad_clip_norm"],
         amp=fed["train"]["amp"],
+        # model selection at the federated run's granularity: it validates once per round (local_epochs epochs)
+        val_every=int(fed["fl"]["local_epochs"]),
     )
     merged["paths"] = {"run_dir": str(run_dir)}
     sched = dict(fed.get("sched") or {})

@@ -39,3 +39,15 @@ def test_compare_trains_pooled_and_local_baselines_next_to_the_federated_run(tmp
     history = json.loads((tmp_path / "cmp" / f"{POOLED}-seed0" / "history.json").read_text())
     assert len(history["epochs"]) == 1
     assert main(["--federated", str(tmp_path / "missing")]) == 1
+
+
+def test_baselines_match_the_federated_budget_and_model_selection(tmp_path):
+    """Same epochs as rounds x local epochs, and validation once per round's worth of epochs (the federated
+    run picks its best model among rounds, a baseline among as many checkpoints)."""
+    from medseg_core.config import load_config
+    from server.compare import baseline_config
+
+    fed = load_config(run_config(tmp_path / "cache", tmp_path / "fed", "fl.num_rounds=4 fl.local_epochs=3"))
+    cfg = baseline_config(fed, seed=1, epochs=12, run_dir=tmp_path / "b", sites=["site_00"])
+    assert cfg.train.epochs == 12 and cfg.train.val_every == 3 and cfg.seed == 1
+    assert list(cfg.data.sites) == ["site_00"] and cfg.model == fed.model
