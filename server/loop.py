@@ -539,9 +539,14 @@ class FederatedRun:
                 metrics=entry["evaluate_aggregate"],
                 run_name=self.history["run_name"],
             )
+        self._close_round(r, entry, t_round, round_line)
+
+    def _close_round(self, r: int, entry: dict[str, Any], t_round: float,
+                     line: Callable[[dict[str, Any], int], str]) -> None:
+        """Record round ``r`` in the history, checkpoint everything (resume point), write and print."""
         entry["seconds"]["round"] = time.perf_counter() - t_round
         self.history["rounds"].append(entry)
-        self.history["best"] = {"round": self.best["round"], "dice": self.best["dice"]}
+        self.history["best"] = dict(self.best)
         self.history["timings"]["rounds_s"] = (
             self.history["timings"].get("rounds_s", 0.0) + entry["seconds"]["round"]
         )
@@ -557,7 +562,7 @@ class FederatedRun:
             run_name=self.history["run_name"],
         )
         self._write_history()
-        self.say(round_line(entry, self.num_rounds))
+        self.say(line(entry, self.num_rounds))
 
     def _remember(self, valid: list[Message]) -> None:
         for msg in valid:

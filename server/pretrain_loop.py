@@ -64,7 +64,6 @@ from medseg_core.federation import (
     loads,
 )
 from medseg_core.plots import plot_curves
-from medseg_core.runtime import rng_state
 from medseg_core.workflow import plan_options
 from pretrain.builder import build_for_plan
 from pretrain.export import export_encoder, pretrain_settings
@@ -79,8 +78,7 @@ from server.loop import (
     wait_for_nodes,
 )
 from server.replies import INVALID, Fault, screen_replies, site_name
-from server.run_files import save_round_checkpoint
-from server.strategies import strategy_state, to_numpy, to_record
+from server.strategies import to_numpy, to_record
 
 #: the exported encoder, in the run directory (what ``model.pretrained=`` takes)
 ENCODER_FILE = "encoder.pt"
@@ -358,25 +356,7 @@ class FederatedPretrainRun(FederatedRun):
         val = float(entry["evaluate_aggregate"].get(EVAL_LOSS, math.nan))
         if math.isfinite(val) and val < self.best["val_loss"]:
             self.best = {"round": r, "val_loss": val}
-        entry["seconds"]["round"] = time.perf_counter() - t_round
-        self.history["rounds"].append(entry)
-        self.history["best"] = dict(self.best)
-        self.history["timings"]["rounds_s"] = (
-            self.history["timings"].get("rounds_s", 0.0) + entry["seconds"]["round"]
-        )
-        save_round_checkpoint(
-            self.files.round_checkpoint(r),
-            global_arrays=self.global_arrays,
-            meta=self.meta,
-            round_idx=r,
-            strategy_state=strategy_state(self.strategy),
-            rng=rng_state(),
-            history=self.history,
-            best=self.best,
-            run_name=self.history["run_name"],
-        )
-        self._write_history()
-        self.say(pretrain_round_line(entry, self.num_rounds))
+        self._close_round(r, entry, t_round, pretrain_round_line)
 
     # ---------------------------------------------------------------------------------------------
     def _finish(self) -> None:
