@@ -179,6 +179,8 @@ def evaluate(
     model_spatial_dims: int | None = None,
     progress: bool = False,
     desc: str = "eval",
+    postprocess: Callable[[np.ndarray, Sequence[float]], np.ndarray] | None = None,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
     """Sliding-window evaluation of whole volumes, metrics per case and per class.
 
@@ -191,14 +193,19 @@ def evaluate(
         class_values: foreground class name -> label value.
         loss_fn: optional; when given, the mean whole-volume loss is reported as ``loss``.
         model_spatial_dims: 2 for a 2D model evaluated slice by slice on 3D volumes.
+        postprocess: applied to each predicted label map ``[X, Y, Z]`` with its spacing before scoring
+            (e.g. :class:`medseg_core.postprocess.PostProcessing`).
+        keep_predictions: also return ``predictions``: ``(prediction, ground truth, spacing_mm)`` per case
+            (label maps on the plan's grid), e.g. to choose post-processing.
 
     Returns:
         ``{"cases": [{"case_id", "metrics": {class: {...}}}], "aggregate": {...}, "mean_dice": float,
-        "num_cases": int, "loss": float (if loss_fn), "seconds": float}``.
+        "num_cases": int, "loss": float (if loss_fn), "seconds": float}`` (+ ``predictions``).
     """
     model.eval()
     cases: list[dict[str, Any]] = []
     losses: list[float] = []
+    kept: list[tuple[np.ndarray, np.ndarray, Sequence[float]]] = []
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         image = plain_tensor(batch["image"]).to(device)
@@ -213,11 +220,15 @@ def evaluate(
         gt = label[:, 0].cpu().numpy().astype(np.int64)
         ids = batch.get("case_id", [f"case_{len(cases) + i}" for i in range(pred.shape[0])])
         for i in range(pred.shape[0]):
+            spacing = batch_spacing_mm(batch, i)
+            pred_i = postprocess(pred[i], spacing) if postprocess is not None else pred[i]
             metrics = case_metrics(
-                pred[i], gt[i], spacing_mm=batch_spacing_mm(batch, i), class_values=dict(class_values),
+                pred_i, gt[i], spacing_mm=spacing, class_values=dict(class_values),
                 nsd_tolerance_mm=nsd_tolerance_mm, hd95=hd95,
             )
             cases.append({"case_id": str(ids[i]), "metrics": metrics})
+            if keep_predictions:
+                kept.append((pred_i, gt[i], spacing))
     agg = aggregate([c["metrics"] for c in cases])
     result: dict[str, Any] = {
         "cases": cases,
@@ -228,6 +239,8 @@ def evaluate(
     }
     if loss_fn is not None:
         result["loss"] = float(np.mean(losses)) if losses else math.nan
+    if keep_predictions:
+        result["predictions"] = kept
     return result
 
 

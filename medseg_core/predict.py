@@ -28,6 +28,7 @@ from monai.transforms import Invertd
 from medseg_core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from medseg_core.data.transforms import build_transforms
 from medseg_core.inference import keep_largest_component, predict_probabilities
+from medseg_core.postprocess import PostProcessing
 from medseg_core.runtime import resolve_device
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -73,8 +74,12 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", tta: bool = False,
                  largest_component: bool = False, modalities: Sequence[str] | None = None,
-                 sw_batch_size: int = 2, overlap: float = 0.5) -> None:
+                 sw_batch_size: int = 2, overlap: float = 0.5, postprocess: bool = True) -> None:
         payload = load_checkpoint(checkpoint)
+        try:  # chosen on the validation cases by medseg-train (small-component removal per class)
+            self.postprocess = PostProcessing.from_dict(payload.get("postprocessing")) if postprocess else None
+        except ValueError as exc:
+            raise CheckpointError(f"{checkpoint}: {exc}") from exc
         self.plan = payload["plan"]
         if not self.plan:
             raise CheckpointError(f"{checkpoint}: checkpoint holds no data plan; cannot preprocess inputs")
@@ -140,6 +145,8 @@ class Predictor:
         labels = torch.as_tensor(inverted).argmax(dim=0).numpy().astype(np.uint8)
         if labels.shape != tuple(ref.shape[:3]):
             raise PredictError(f"{paths[0]}: inverted prediction {labels.shape} != input shape {ref.shape[:3]}")
+        if self.postprocess is not None and self.postprocess.active:
+            labels = self.postprocess(labels, [float(z) for z in ref.header.get_zooms()[:3]]).astype(np.uint8)
         if self.largest_component:
             labels = keep_largest_component(labels, [v for v in self.labels.values() if v != 0])
         return labels, ref
@@ -181,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = Predictor(args.checkpoint, device=args.device, tta=args.tta,
                               largest_component=args.largest_component, modalities=args.modality,
-                              overlap=args.overlap)
+                              overlap=args.overlap, postprocess=not args.no_postprocess)
         cases = gather_cases(args.input)
     except (CheckpointError, PredictError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -256,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (all axis flips)")
     p.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     p.add_argument("--overlay", action="store_true", help="also write CASE.png with the label overlay")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="skip the checkpoint's post-processing (small components removed, chosen on validation)")
     p.add_argument("--reference", default=None,
                    help="folder of ground-truth CASE.nii.gz label maps: report Dice/HD95/NSD on the original grid")
     p.add_argument("--modality", nargs="+", default=None,

@@ -38,9 +38,10 @@ from medseg_core.engine import (
     prepare_model,
     train_one_epoch,
 )
-from medseg_core.metrics import aggregate
+from medseg_core.metrics import aggregate, case_metrics
 from medseg_core.models.pretrained import PretrainedMismatchError, load_pretrained_from_config
 from medseg_core.plots import plot_curves
+from medseg_core.postprocess import PostProcessing, choose_postprocessing
 from medseg_core.runtime import amp_enabled, resolve_device, seed_everything
 from medseg_core.workflow import (
     build_configured_model,
@@ -157,31 +158,70 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         save_checkpoint(run_dir / "best.pt", state_dict=model.state_dict(), epoch=epochs, **ckpt_meta)
     _plot(history, run_dir / "curves.png")
 
-    # final: the best model on every site's held-out test split
+    # final: the best model, post-processing chosen on the validation cases, every site's test split
     best_payload = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best_payload["state_dict"])
-    test = {}
+    post = _choose_postprocessing(cfg, model, site_loaders, eval_kwargs, labels)
+    if post is not None:
+        history["postprocessing"] = post.as_dict()
+        best_payload["postprocessing"] = post.as_dict()  # medseg-predict applies it
+        save_checkpoint(run_dir / "best.pt", **best_payload)
+    test, test_raw = {}, {}
     for s in sites:
         if not s.test_cases:
             continue
         tf = build_transforms(plan, train=False, modalities=s.channel_names, spatial_dims=3)
         loader = DataLoader(Dataset([c.as_dict() for c in s.test_cases], tf), batch_size=1)
-        test[s.name] = evaluate(model, loader, **eval_kwargs)
+        result = evaluate(model, loader, **eval_kwargs, keep_predictions=post is not None and post.active)
+        test_raw[s.name] = result
+        if post is not None and post.active:  # score the same predictions after post-processing
+            cases = [{"case_id": c["case_id"], "metrics": case_metrics(
+                post(p, sp), g, spacing_mm=sp, class_values=foreground_classes(labels),
+                nsd_tolerance_mm=float(cfg.eval.nsd_tolerance_mm), hd95=bool(cfg.eval.hd95))}
+                for c, (p, g, sp) in zip(result["cases"], result.pop("predictions"), strict=True)]
+            agg = aggregate([c["metrics"] for c in cases])
+            result = {**result, "cases": cases, "aggregate": agg,
+                      "mean_dice": float(agg.get("mean", {}).get("dice", math.nan))}
+        test[s.name] = result
     pooled_test = _pooled_eval(test)
+    pooled_raw = _pooled_eval(test_raw)
     summary = {
         "run_dir": str(run_dir), "best_epoch": best["epoch"], "best_val_mean_dice": best["dice"],
         "test_mean_dice": float(pooled_test.get("mean", {}).get("dice", math.nan)) if pooled_test else math.nan,
         "test_per_site": {n: r["mean_dice"] for n, r in test.items()},
+        "test_mean_dice_without_postprocessing": (
+            float(pooled_raw.get("mean", {}).get("dice", math.nan)) if pooled_raw else math.nan),
+        "postprocessing": post.as_dict()["min_size_mm3"] if post is not None else {},
         "train_seconds": history["train_seconds"],
     }
-    write_json({"summary": summary, "pooled": pooled_test,
+    write_json({"summary": summary, "pooled": pooled_test, "pooled_without_postprocessing": pooled_raw,
                 "sites": {n: {"aggregate": r["aggregate"], "cases": r["cases"]} for n, r in test.items()}},
                run_dir / "test_metrics.json")
     history["summary"] = summary
     write_json(history, run_dir / "history.json")
     print(f"test mean foreground Dice {summary['test_mean_dice']:.4f} "
-          f"per site {({k: round(v, 4) for k, v in summary['test_per_site'].items()})}; best epoch {best['epoch']}")
+          f"per site {({k: round(v, 4) for k, v in summary['test_per_site'].items()})}; best epoch {best['epoch']}"
+          + (f"; without post-processing {summary['test_mean_dice_without_postprocessing']:.4f}"
+             if post is not None and post.active else ""))
     return summary
+
+
+def _choose_postprocessing(cfg: DictConfig, model, site_loaders: dict, eval_kwargs: dict,
+                           labels: dict) -> PostProcessing | None:
+    """Per-class small-component removal chosen on the validation cases (``eval.postprocess``), or None."""
+    if not bool(cfg.eval.get("postprocess", True)):
+        return None
+    cases = []
+    for ld in site_loaders.values():
+        if ld.val:
+            cases += evaluate(model, ld.val, **{**eval_kwargs, "hd95": False}, keep_predictions=True)["predictions"]
+    if not cases:
+        return None
+    post = choose_postprocessing(cases, foreground_classes(labels))
+    steps = ", ".join(f"{n} {d['min_size_mm3']:g} mm³ (val Dice {d['before']:.3f} -> {d['after']:.3f})"
+                      for n, d in post.chosen_on["dice"].items())
+    print(f"post-processing chosen on {len(cases)} validation case(s): remove components below {steps}")
+    return post
 
 
 def _plot(history: dict[str, Any], path: Path) -> None:
