@@ -85,6 +85,7 @@ def baseline_config(fed_cfg, *, seed: int, epochs: int, run_dir: Path, sites: Se
         # model selection at the federated run's granularity: it validates once per round (local_epochs epochs)
         val_every=int(fed["fl"]["local_epochs"]),
     )
+    merged["eval"] = {**merged["eval"], "postprocess": False}  # federated runs score raw predictions too
     merged["paths"] = {"run_dir": str(run_dir)}
     sched = dict(fed.get("sched") or {})
     for horizon in ("total_iters", "T_max"):  # the federated schedule spans rounds; a baseline's spans epochs

@@ -51,3 +51,4 @@ def test_baselines_match_the_federated_budget_and_model_selection(tmp_path):
     cfg = baseline_config(fed, seed=1, epochs=12, run_dir=tmp_path / "b", sites=["site_00"])
     assert cfg.train.epochs == 12 and cfg.train.val_every == 3 and cfg.seed == 1
     assert list(cfg.data.sites) == ["site_00"] and cfg.model == fed.model
+    assert cfg.eval.postprocess is False  # scored like the federated run: raw predictions
