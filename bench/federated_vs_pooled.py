@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-fed-vs-pooled"))
     parser.add_argument("--quick", action="store_true", help="2 rounds, seed 0: a smoke run")
     parser.add_argument("--no-baselines", action="store_true", help="only the federated runs")
+    parser.add_argument("--no-local", action="store_true", help="pooled baseline only (no local-only runs)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                          epochs=args.local_epochs)
     t0 = time.perf_counter()
     runs = [run_federated(cache, strategy, seed, setup, work) for seed in args.seeds for strategy in args.strategies]
-    result = compare(runs, work / "compare", baselines=not args.no_baselines)
+    result = compare(runs, work / "compare", baselines=not args.no_baselines, local=not args.no_local)
     minutes = (time.perf_counter() - t0) / 60
     summary = result["summary"]
     verdicts = checks(summary)

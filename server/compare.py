@@ -95,11 +95,23 @@ def baseline_config(fed_cfg, *, seed: int, epochs: int, run_dir: Path, sites: Se
     return OmegaConf.create(merged)
 
 
-def train_baselines(
-    fed: Mapping[str, Any], sites: Sequence[str], out: Path, log=print
-) -> list[dict[str, Any]]:
-    """Pooled and local-only training for one federated run's settings and seed."""
+def _train_or_reuse(cfg, run_dir: Path) -> dict[str, Any]:
+    """``medseg-train``'s summary for ``run_dir``: a finished run there is reused, otherwise trained."""
     from medseg_core.train_cli import run_training  # heavy: only when baselines are trained
+
+    done = run_dir / "history.json"
+    if done.is_file():
+        summary = json.loads(done.read_text()).get("summary")
+        if summary and summary.get("test_per_site"):
+            return summary
+    return run_training(cfg, run_dir)
+
+
+def train_baselines(
+    fed: Mapping[str, Any], sites: Sequence[str], out: Path, log=print, local: bool = True
+) -> list[dict[str, Any]]:
+    """Pooled and (with ``local``) local-only training for one federated run's settings and seed; baselines
+    already finished under ``out`` are reused."""
 
     cfg = fed["cfg"]
     epochs = int(cfg.fl.num_rounds) * int(cfg.fl.local_epochs)
@@ -107,21 +119,23 @@ def train_baselines(
     rows = []
     pooled_dir = out / f"{POOLED}-seed{seed}"
     log(f"pooled baseline, seed {seed}: {epochs} epochs over {list(sites)} -> {pooled_dir}")
-    summary = run_training(
+    summary = _train_or_reuse(
         baseline_config(cfg, seed=seed, epochs=epochs, run_dir=pooled_dir, sites=sites), pooled_dir
     )
     rows.append(
         {"method": POOLED, "seed": seed, "dice": dict(summary["test_per_site"]), "run_dir": str(pooled_dir)}
     )
-    local: dict[str, float] = {}
+    if not local:
+        return rows
+    local_dice: dict[str, float] = {}
     for site in sites:
         site_dir = out / f"{LOCAL}-{site}-seed{seed}"
         log(f"local-only baseline {site}, seed {seed}: {epochs} epochs -> {site_dir}")
-        summary = run_training(
+        summary = _train_or_reuse(
             baseline_config(cfg, seed=seed, epochs=epochs, run_dir=site_dir, sites=[site]), site_dir
         )
-        local[site] = float(summary["test_per_site"].get(site, math.nan))
-    rows.append({"method": LOCAL, "seed": seed, "dice": local, "run_dir": str(out)})
+        local_dice[site] = float(summary["test_per_site"].get(site, math.nan))
+    rows.append({"method": LOCAL, "seed": seed, "dice": local_dice, "run_dir": str(out)})
     return rows
 
 
@@ -195,7 +209,8 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -
     return path
 
 
-def compare(federated: Sequence[str | Path], out: str | Path, *, baselines: bool = True, log=print) -> dict:
+def compare(federated: Sequence[str | Path], out: str | Path, *, baselines: bool = True, local: bool = True,
+            log=print) -> dict:
     """Build the comparison; see the module docstring. Returns what ``comparison.json`` holds.
 
     Raises:
@@ -215,7 +230,7 @@ def compare(federated: Sequence[str | Path], out: str | Path, *, baselines: bool
         for fed in feds:  # one set of baselines per seed (the settings of the first run with that seed)
             if fed["seed"] not in seen:
                 seen.add(fed["seed"])
-                rows += train_baselines(fed, sites, out, log=log)
+                rows += train_baselines(fed, sites, out, log=log, local=local)
     summary = summarise(rows)
     result = {"sites": sites, "rows": rows, "summary": summary}
     write_json(result, out / "comparison.json")
@@ -237,9 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", default="runs/compare", help="output folder (baselines are trained under it)"
     )
     parser.add_argument("--no-baselines", action="store_true", help="only tabulate the federated runs")
+    parser.add_argument("--no-local", action="store_true", help="pooled baseline only (no local-only runs)")
     args = parser.parse_args(argv)
     try:
-        compare(args.federated, args.out, baselines=not args.no_baselines)
+        compare(args.federated, args.out, baselines=not args.no_baselines, local=not args.no_local)
     except (FileNotFoundError, ValueError) as exc:
         print(f"medseg-compare: {exc}", file=sys.stderr)
         return 1

@@ -38,6 +38,12 @@ def test_compare_trains_pooled_and_local_baselines_next_to_the_federated_run(tmp
     # each baseline trained as many epochs as the federated run had rounds x local epochs
     history = json.loads((tmp_path / "cmp" / f"{POOLED}-seed0" / "history.json").read_text())
     assert len(history["epochs"]) == 1
+    # again without local-only baselines: the finished pooled baseline is reused, not retrained
+    stamp = (tmp_path / "cmp" / f"{POOLED}-seed0" / "best.pt").stat().st_mtime_ns
+    again = compare([fed], tmp_path / "cmp", local=False, log=lambda s: None)
+    assert [r["method"] for r in again["rows"]] == ["fedavg", POOLED]
+    assert again["rows"][1]["dice"] == result["rows"][1]["dice"]
+    assert (tmp_path / "cmp" / f"{POOLED}-seed0" / "best.pt").stat().st_mtime_ns == stamp
     assert main(["--federated", str(tmp_path / "missing")]) == 1
 
 
