@@ -29,5 +29,6 @@ def test_block_is_replaced_and_surrounding_text_kept(tmp_path):
 
 def test_real_docs_have_a_block_for_every_bench_that_writes_one():
     text = docs_block.DOCS.read_text()
-    for name in ("data_pipeline", "train_step", "dp_overhead", "dp_utility", "federation_overhead"):
+    for name in ("data_pipeline", "train_step", "dp_overhead", "dp_utility", "federation_overhead",
+                 "federated_vs_pooled"):
         assert f"<!-- {name}:begin -->" in text and f"<!-- {name}:end -->" in text, name
