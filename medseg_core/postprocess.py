@@ -6,8 +6,9 @@ chosen per class from a list of candidates on the validation predictions (0 = ke
 default unless a larger size is strictly better). Sizes are in mm³, so one choice applies to any voxel
 grid (the plan's during evaluation, the scan's own in ``medseg-predict``).
 
-A removed component takes the label that surrounds it most (the most frequent other label on its
-one-voxel border), so a spurious lesion speck inside the organ becomes organ again rather than a hole.
+A removed component takes, voxel by voxel, the label of the nearest voxel of another class, so a
+spurious lesion speck inside the organ becomes organ again rather than a hole (one distance transform
+per class, however many components are removed: an untrained model's noise has thousands).
 
 Ours: MONAI's ``RemoveSmallObjects`` drops objects to background and has no per-class choice on
 validation data; scipy's ``ndimage.label`` does the labelling.
@@ -22,8 +23,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-
-from medseg_core.metrics import aggregate, case_metrics
 
 #: component sizes tried per class (mm³); 0 keeps every component
 DEFAULT_CANDIDATES_MM3: tuple[float, ...] = (0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
@@ -52,17 +51,19 @@ def remove_small_components(label_map: np.ndarray, class_value: int, min_size_mm
     out = np.array(label_map, copy=True)
     if min_size_mm3 == 0:
         return out
-    components, n = ndimage.label(out == class_value)
+    mask = out == class_value
+    components, n = ndimage.label(mask)
     if n == 0:
         return out
     voxel_mm3 = float(np.prod(spacing_mm))
-    sizes = np.bincount(components.ravel())[1:] * voxel_mm3  # [n], mm³ of each component
-    for idx in np.flatnonzero(sizes < min_size_mm3) + 1:
-        comp = components == idx
-        border = ndimage.binary_dilation(comp) & ~comp
-        around = out[border]
-        around = around[around != class_value]
-        out[comp] = np.bincount(around).argmax() if around.size else 0
+    small_ids = np.zeros(n + 1, dtype=bool)
+    small_ids[1:] = np.bincount(components.ravel(), minlength=n + 1)[1:] * voxel_mm3 < min_size_mm3  # [n + 1]
+    small = small_ids[components]
+    if small.all():  # nothing else in the map to take a label from
+        out[small] = 0
+    elif small.any():  # every removed voxel takes the label of the nearest voxel of another class (one pass)
+        _, nearest = ndimage.distance_transform_edt(mask, return_indices=True)  # [3, X, Y, Z]
+        out[small] = out[tuple(ix[small] for ix in nearest)]
     return out
 
 
@@ -111,10 +112,16 @@ class PostProcessing:
 
 
 def _class_dice(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]], name: str, value: int) -> float:
-    """Mean Dice of one class over cases, with :mod:`medseg_core.metrics`' empty-mask convention."""
-    metrics = [case_metrics(p, g, spacing_mm=s, class_values={name: value}, hd95=False) for p, g, s in cases]
-    mean = aggregate(metrics)["per_class"][name]["dice"]["mean"]
-    return float(mean) if math.isfinite(mean) else math.nan
+    """Mean Dice of one class over cases, with :mod:`medseg_core.metrics`' empty-mask convention (both
+    empty: excluded; one empty: 0). Counted with NumPy here: the choice scores every candidate size on
+    every case, and the full metric suite per call made it ~30 s for 9 noisy 64³ cases."""
+    scores = []
+    for pred, gt, _spacing in cases:
+        p, g = pred == value, gt == value
+        denom = int(p.sum()) + int(g.sum())
+        if denom:
+            scores.append(2.0 * int(np.logical_and(p, g).sum()) / denom)
+    return float(np.mean(scores)) if scores else math.nan
 
 
 def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]],
