@@ -412,11 +412,7 @@ class FederatedRun:
                 f"round 0: {len(fps)} of {len(sent)} site(s) passed validation and sent a "
                 f"fingerprint; fl.min_train_nodes={needed}"
             )
-        merged = merge_fingerprints(list(fps.values()))
-        self.plan = make_plan(merged, **plan_options(self.cfg))
-        warnings = [str(p) for fp in fps.values() for p in fingerprint_problems(fp)]
-        if warnings:
-            self.plan["warnings"] = warnings
+        self.plan, merged = plan_from_fingerprints(fps, self.cfg)
         self.history["sites"] = sorted(fps)
         self.history["channel_names"] = {int(ch): sorted(mods)[0] for ch, mods in merged["channels"].items()}
         save_json(fps, self.files.fingerprints)
@@ -606,6 +602,20 @@ class FederatedRun:
         plot_history(self.history, self.files.dice_plot, self.files.loss_plot)
         plot_epsilon(self.history, self.files.epsilon_plot)
         write_report(self.files.report, self.history)
+
+
+def plan_from_fingerprints(fps: Mapping[str, dict[str, Any]], cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merge the sites' fingerprints and plan (``data.planning`` limits); problems go to ``plan["warnings"]``.
+
+    Returns:
+        ``(plan, merged_fingerprint)``.
+    """
+    merged = merge_fingerprints(list(fps.values()))
+    plan = make_plan(merged, **plan_options(cfg))
+    warnings = [str(p) for fp in fps.values() for p in fingerprint_problems(fp)]
+    if warnings:
+        plan["warnings"] = warnings
+    return plan, merged
 
 
 def load_round_checkpoint_arrays(path: Path) -> dict[str, np.ndarray]:

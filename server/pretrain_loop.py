@@ -39,10 +39,7 @@ from omegaconf import DictConfig
 from medseg_core.checkpoint import write_json, write_text
 from medseg_core.data.fingerprint import (
     check_fingerprint,
-    fingerprint_problems,
     load_plan,
-    make_plan,
-    merge_fingerprints,
     save_json,
 )
 from medseg_core.federation import (
@@ -64,7 +61,6 @@ from medseg_core.federation import (
     loads,
 )
 from medseg_core.plots import plot_curves
-from medseg_core.workflow import plan_options
 from pretrain.builder import build_for_plan
 from pretrain.export import export_encoder, pretrain_settings
 from server.loop import (
@@ -72,6 +68,7 @@ from server.loop import (
     FederationStopped,
     Say,
     compatible_fingerprints,
+    plan_from_fingerprints,
     reply_metrics,
     say_print,
     send_messages,
@@ -272,11 +269,7 @@ class FederatedPretrainRun(FederatedRun):
                     "preprocessing from (sites without labels send no fingerprint); set plan=PATH, e.g. the "
                     "plan.json of a fine-tuning run"
                 )
-            merged = merge_fingerprints(list(fps.values()))
-            plan = make_plan(merged, **plan_options(self.cfg))  # as fine-tuning plans
-            warnings = [str(p) for fp in fps.values() for p in fingerprint_problems(fp)]
-            if warnings:
-                plan["warnings"] = warnings
+            plan, merged = plan_from_fingerprints(fps, self.cfg)  # as fine-tuning plans
             channels = merged["channels"]
             save_json(fps, self.files.fingerprints)
             source = f"fingerprints of {sorted(fps)}"

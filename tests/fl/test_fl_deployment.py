@@ -174,25 +174,30 @@ def test_two_hospitals_train_over_tls_with_node_authentication(tmp_path, process
         "rogue",
     )
 
+    def flwr_run(run_dir, extra: str = "") -> str:
+        """`flwr run . hospitals` of the tiny experiment; returns its output after checking it succeeded."""
+        proc = subprocess.run(
+            [
+                "flwr",
+                "run",
+                str(REPO),
+                "hospitals",
+                "--stream",
+                "--run-config",
+                f"experiment='fl_smoke' overrides='paths.run_dir={run_dir} fl.connect_timeout_s=120 "
+                f"fl.final_test=false {extra}'",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
     run_dir = tmp_path / "run"
-    flwr = subprocess.run(
-        [
-            "flwr",
-            "run",
-            str(REPO),
-            "hospitals",
-            "--stream",
-            "--run-config",
-            f"experiment='fl_smoke' overrides='paths.run_dir={run_dir} fl.connect_timeout_s=120 fl.final_test=false'",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = flwr.stdout + flwr.stderr
-    assert flwr.returncode == 0, out
+    out = flwr_run(run_dir)
     assert "round 0: 2 site(s) enrolled ['hospital_a', 'hospital_b']" in out, out
     assert "round 1/2" in out and "round 2/2" in out and "done: best round" in out, out
     history = json.loads(RunFiles(run_dir).history.read_text())
@@ -202,25 +207,7 @@ def test_two_hospitals_train_over_tls_with_node_authentication(tmp_path, process
 
     # the same deployment with SecAgg+: the train phase goes through Flower's masking protocol end to end
     secure_dir = tmp_path / "run-secagg"
-    flwr = subprocess.run(
-        [
-            "flwr",
-            "run",
-            str(REPO),
-            "hospitals",
-            "--stream",
-            "--run-config",
-            f"experiment='fl_smoke' overrides='paths.run_dir={secure_dir} fl.connect_timeout_s=120 "
-            f"fl.final_test=false fl.num_rounds=1 privacy=secagg'",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = flwr.stdout + flwr.stderr
-    assert flwr.returncode == 0, out
+    out = flwr_run(secure_dir, "fl.num_rounds=1 privacy=secagg")
     history = json.loads(RunFiles(secure_dir).history.read_text())
     assert history["status"] == "completed", out
     (secure,) = history["privacy"]["secagg_rounds"]
