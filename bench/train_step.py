@@ -26,7 +26,7 @@ from docs_block import write_block
 from monai.losses import DiceCELoss
 from torch.utils.flop_counter import FlopCounterMode
 
-from medseg_core.engine import memory_format, train_one_epoch
+from medseg_core.engine import compile_model, memory_format, train_one_epoch
 from medseg_core.losses import build_loss
 from medseg_core.models import build_model
 
@@ -37,8 +37,12 @@ CASES = {
                          "num_res_units": 2, "norm": "instance"}, "batch": (8, 1, 256, 256)},
     "unet3d": {"model": {"name": "unet", "spatial_dims": 3, "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
                          "num_res_units": 2, "norm": "instance"}, "batch": (2, 1, 96, 96, 96)},
+    # the acceptance run's step (configs/experiment/pooled_synth.yaml): 2 cases x 4 patches of 48x48x16, 2 channels
+    "unet3d_pooled": {"model": {"name": "unet", "spatial_dims": 3, "channels": [16, 32, 64, 128],
+                                "strides": [2, 2, 2], "num_res_units": 2, "norm": "instance"},
+                      "batch": (8, 2, 48, 48, 16)},
 }
-QUICK = {"unet2d": (4, 1, 128, 128), "unet3d": (1, 1, 48, 48, 48)}
+QUICK = {"unet2d": (4, 1, 128, 128), "unet3d": (1, 1, 48, 48, 48), "unet3d_pooled": (2, 2, 48, 48, 16)}
 # variant name -> engine options
 VARIANTS = {
     "ours fp32": {"channels_last": False, "amp": False, "compile": False},
@@ -71,8 +75,9 @@ def conv_peak_gflops(spatial_dims: int, seconds: float = 3.0) -> float:
 
 def make_batch(shape: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    label = (torch.rand(shape, generator=g) > 0.7).long() + (torch.rand(shape, generator=g) > 0.9).long()
-    image = label.float() + 0.5 * torch.randn(shape, generator=g)
+    label_shape = (shape[0], 1, *shape[2:])
+    label = (torch.rand(label_shape, generator=g) > 0.7).long() + (torch.rand(label_shape, generator=g) > 0.9).long()
+    image = label.float() + 0.5 * torch.randn(shape, generator=g)  # every channel shows the label
     return {"image": image, "label": label}
 
 
@@ -108,7 +113,7 @@ class Ours:
     def __init__(self, model: torch.nn.Module, batch: dict, spatial_dims: int, channels_last: bool, amp: bool,
                  compile: bool):
         self.model = model.to(memory_format=memory_format(spatial_dims)) if channels_last else model
-        self.forward_model = torch.compile(self.model) if compile else self.model
+        self.forward_model = compile_model(self.model) if compile else self.model
         self.batch, self.channels_last, self.amp = batch, channels_last, amp
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         # same objective as the plain loop (DiceCE with background), our per-sample implementation
@@ -124,7 +129,7 @@ def bench_case(name: str, spec: dict, shape: tuple[int, ...], rounds: int, steps
     torch.manual_seed(0)
     dims = spec["model"]["spatial_dims"]
     kwargs = dict(spec["model"])
-    base = build_model(kwargs.pop("name"), in_channels=1, out_channels=3, **kwargs)
+    base = build_model(kwargs.pop("name"), in_channels=shape[1], out_channels=3, **kwargs)
     batch = make_batch(shape)
     runners = {"plain MONAI loop": Plain(copy.deepcopy(base), batch)}
     for v in variants:

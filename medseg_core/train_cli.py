@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from monai.data import DataLoader, Dataset
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +33,7 @@ from medseg_core.data.transforms import build_transforms
 from medseg_core.engine import (
     build_optimizer,
     build_scheduler,
+    compile_model,
     evaluate,
     prepare_model,
     train_one_epoch,
@@ -107,7 +107,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = build_configured_model(kwargs)
     pretrained = load_pretrained_from_config(model, cfg.model, model_config=kwargs)  # None: from scratch
     model = prepare_model(model, device, channels_last=bool(cfg.train.channels_last), spatial_dims=spatial_dims)
-    forward_model = torch.compile(model) if cfg.train.compile else model
+    forward_model = compile_model(model) if cfg.train.compile else model
     loss_fn = hydra.utils.instantiate(cfg.loss)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.get("sched"), optimizer)
