@@ -35,7 +35,7 @@ from monai.data import DataLoader
 from omegaconf import DictConfig
 
 from client.local import TrainInstructions, UpdateError
-from client.site import CACHE_SIZE, SiteRef, load_validated_site
+from client.site import SiteRef, cached_bytes, load_validated_site, trim_cache
 from medseg_core.data.dataset import Case, SiteDataset
 from medseg_core.data.fingerprint import compute_site_fingerprint
 from medseg_core.data.loaders import LoaderSettings, build_unlabelled_loader, plan_hash
@@ -170,8 +170,7 @@ def pretrain_data(ref: SiteRef, cfg: DictConfig, plan: Mapping[str, Any]) -> Pre
     data = PretrainData(site, train, val, loader(train), loader(val) if val else None)
     with _LOCK:
         _DATA[key] = data
-        while len(_DATA) > CACHE_SIZE:
-            _DATA.popitem(last=False)
+        trim_cache(_DATA, cfg, lambda d: cached_bytes(d.train_loader, d.val_loader))
     return data
 
 

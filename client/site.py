@@ -20,7 +20,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,8 @@ from medseg_core.federation import (
 )
 from medseg_core.workflow import to_container, validated_site
 
-#: how many sites' loaders one process keeps (a simulation actor may serve several sites)
-CACHE_SIZE = 4
+#: in-memory cache budget of one process when the config has no ``data.process_cache_gb``
+DEFAULT_PROCESS_CACHE_GB = 4.0
 #: per-round control-variate files kept (SCAFFOLD needs only the last; one more covers a crash mid-round)
 KEEP_CONTROL_FILES = 2
 
@@ -206,9 +206,36 @@ def site_data(ref: SiteRef, cfg: DictConfig, plan: Mapping[str, Any]) -> SiteDat
     data = SiteData(site, build_site_loaders(site, plan, container, settings=settings), settings)
     with _LOCK:
         _DATA[key] = data
-        while len(_DATA) > CACHE_SIZE:
-            _DATA.popitem(last=False)
+        trim_cache(_DATA, cfg, lambda d: cached_bytes(d.loaders.train, d.loaders.val, d.test_loader))
     return data
+
+
+def trim_cache(cache: OrderedDict, cfg: DictConfig, size: Callable[[Any], int]) -> None:
+    """Drop the least recently used entries of a per-process site cache beyond ``data.process_cache_gb``.
+
+    A simulation actor serves many sites: every site whose data fits stays cached (rebuilding one costs a
+    pass over its volumes on every call); the most recent entry always stays. Call with the lock held.
+    """
+    budget = float(cfg.data.get("process_cache_gb", DEFAULT_PROCESS_CACHE_GB)) * 2**30
+    while len(cache) > 1 and sum(size(v) for v in cache.values()) > budget:
+        cache.popitem(last=False)
+
+
+def cached_bytes(*loaders: DataLoader | None) -> int:
+    """Bytes of arrays held by the in-memory caches (MONAI ``CacheDataset``) behind ``loaders``."""
+    return sum(_nbytes(getattr(getattr(ld, "dataset", None), "_cache", None)) for ld in loaders if ld is not None)
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def held_out_loader(data: SiteData, plan: Mapping[str, Any]) -> DataLoader | None:

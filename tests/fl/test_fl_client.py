@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
 from fl_helpers import run_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from omegaconf import OmegaConf
 
 from client.app import ConfigMismatchError
 from client.app import app as client_app
@@ -19,7 +22,7 @@ from client.local import (
     load_weights,
     train_round,
 )
-from client.site import SiteConfigError, SiteState, resolve_site, site_data
+from client.site import SiteConfigError, SiteState, cached_bytes, resolve_site, site_data, trim_cache
 from medseg_core.config import load_config
 from medseg_core.data.dataset import load_site
 from medseg_core.data.fingerprint import plan_federation
@@ -165,3 +168,34 @@ def test_scaffold_site_update_and_state(setup, tmp_path):
         TrainInstructions(0, lr=0.1)
     with pytest.raises(ValueError):
         TrainInstructions(1, lr=float("nan"))
+
+
+def test_process_cache_keeps_every_site_that_fits_and_drops_the_oldest_beyond_the_budget(setup):
+    _cache, cfg, _root, _ref, data = setup
+    size = cached_bytes(data.loaders.train, data.loaders.val)
+    # the in-memory cache holds the site's preprocessed volumes: images + labels of its training cases
+    first = data.loaders.train.dataset._cache[0]
+    assert size >= len(data.loaders.train.dataset) * first["image"].nelement() * first["image"].element_size()
+
+    def with_budget(gb):
+        c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        c.data.process_cache_gb = gb
+        return c
+
+    def cache_of(n):
+        return OrderedDict((f"site_{i:02d}", data) for i in range(n))
+
+    roomy = with_budget(10 * size / 2**30)  # ten sites' worth
+    ten = cache_of(10)
+    trim_cache(ten, roomy, lambda d: cached_bytes(d.loaders.train, d.loaders.val))
+    assert len(ten) == 10  # a simulation actor serving 10 small sites rebuilds none of them
+
+    tight = with_budget(3.5 * size / 2**30)
+    ten = cache_of(10)
+    trim_cache(ten, tight, lambda d: cached_bytes(d.loaders.train, d.loaders.val))
+    assert list(ten) == ["site_07", "site_08", "site_09"]  # least recently used dropped first
+
+    tiny = with_budget(0.0)
+    one = cache_of(3)
+    trim_cache(one, tiny, lambda d: cached_bytes(d.loaders.train, d.loaders.val))
+    assert list(one) == ["site_02"]  # the entry in use always stays
