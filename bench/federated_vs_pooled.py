@@ -5,7 +5,7 @@
     python bench/federated_vs_pooled.py --write-docs    # also update "## Federated vs pooled" in docs/benchmarks.md
 
 The synthetic federation has three scanners (CT in HU, MR-T1 with a bias field, MR-T2 at 4x intensity
-scale with permuted axes), 12 labelled training patients per site (9 train, 3 validation) and 3 test
+scale with permuted axes), 12 labelled training patients per site (9 train, 3 validation) and 8 test
 patients per site. Each federated run is the real ServerApp loop and ClientApp code over
 :class:`server.inprocess.InProcessGrid` (no Flower transport; its cost is measured by
 ``bench/federation_overhead.py``). The baselines are ``medseg-compare``'s: pooled (all training cases
@@ -39,7 +39,7 @@ from server.loop import FederatedRun
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Federated vs pooled"
 #: the federation and training settings shared by every arm (the baselines read them from the runs)
-SETUP = ("data.synthetic.n_sites=3 data.synthetic.cases_per_site={cases} data.synthetic.n_test=3 "
+SETUP = ("data.synthetic.n_sites=3 data.synthetic.cases_per_site={cases} data.synthetic.n_test={test_cases} "
          "data.synthetic.n_unlabelled=0 data.synthetic.shape=[{shape},{shape},{shape}] "
          "data.planning.max_patch_voxels={patch_voxels} transforms.crop.num_samples=4 "
          "fl.num_rounds={rounds} fl.local_epochs={epochs} fl.final_test=true "
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", default=["fedavg", "fedbn"])
     parser.add_argument("--cases", type=int, default=12, help="labelled training cases per site (9 train + 3 val)")
+    parser.add_argument("--test-cases", type=int, default=8,
+                        help="held-out test patients per site (scored only; a lesion Dice on 3 is mostly noise)")
     parser.add_argument("--shape", type=int, default=48, help="stored volume side in voxels")
     parser.add_argument("--patch-voxels", type=int, default=32768, help="data.planning.max_patch_voxels")
     parser.add_argument("--rounds", type=int, default=30)
@@ -106,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.rounds, args.cases, args.shape = [0], 2, 4, 32
+        args.seeds, args.rounds, args.cases, args.test_cases, args.shape = [0], 2, 4, 2, 32
     torch.set_num_threads(args.threads)
     work = args.work.resolve()
     cache = work / "cache"
-    setup = SETUP.format(cases=args.cases, shape=args.shape, patch_voxels=args.patch_voxels, rounds=args.rounds,
+    setup = SETUP.format(cases=args.cases, test_cases=args.test_cases, shape=args.shape, patch_voxels=args.patch_voxels, rounds=args.rounds,
                          epochs=args.local_epochs)
     t0 = time.perf_counter()
     runs = [run_federated(cache, strategy, seed, setup, work) for seed in args.seeds for strategy in args.strategies]
