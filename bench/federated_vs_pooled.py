@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out test patients per site (scored only; a lesion Dice on 3 is mostly noise)")
     parser.add_argument("--shape", type=int, default=48, help="stored volume side in voxels")
     parser.add_argument("--patch-voxels", type=int, default=32768, help="data.planning.max_patch_voxels")
+    parser.add_argument("--norm", choices=["instance", "batch", "group"], default="instance",
+                        help="the U-Net's normalisation (FedBN is defined for BatchNorm statistics)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -112,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = args.work.resolve()
     cache = work / "cache"
-    setup = SETUP.format(cases=args.cases, test_cases=args.test_cases, shape=args.shape, patch_voxels=args.patch_voxels, rounds=args.rounds,
-                         epochs=args.local_epochs)
+    setup = SETUP.format(cases=args.cases, test_cases=args.test_cases, shape=args.shape,
+                         patch_voxels=args.patch_voxels, rounds=args.rounds, epochs=args.local_epochs)
+    if args.norm != "instance":
+        setup += f" model.norm={args.norm}"
     t0 = time.perf_counter()
     runs = [run_federated(cache, strategy, seed, setup, work) for seed in args.seeds for strategy in args.strategies]
     result = compare(runs, work / "compare", baselines=not args.no_baselines, local=not args.no_local)

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from omegaconf import DictConfig
@@ -26,6 +25,7 @@ from client.pretrain_site import (
     pretrain_data,
     pretrain_round,
 )
+from client.records import to_numpy, to_record
 from client.secure_agg import secure_agg_mod
 from client.site import SiteRef, SiteState, load_validated_site, resolve_site, site_data
 from medseg_core.config import load_config
@@ -114,14 +114,6 @@ def _plan(config: ConfigRecord) -> dict[str, Any]:
     return plan
 
 
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def _to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
 def _reply(
     msg: Message, site: SiteRef, metrics: Mapping[str, float] | None = None, **records: Any
 ) -> Message:
@@ -160,23 +152,23 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config[KEY_LR]),
         local_epochs=int(config.get(KEY_LOCAL_EPOCHS, cfg.fl.local_epochs)),
         proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
-        control=_to_numpy(control) if control is not None else None,
+        control=to_numpy(control) if control is not None else None,
     )
     state = SiteState(ref.state_root, str(config[KEY_RUN_NAME]))
     outcome = train_round(
         cfg,
         data,
         plan,
-        _to_numpy(msg.content.array_records[ARRAYS]),
+        to_numpy(msg.content.array_records[ARRAYS]),
         instructions,
         state,
         simulated=ref.simulated,
     )
     if (cfg.get("privacy") or {}).get("client_dp") is not None:
         outcome.metrics[SITE_WEIGHT] = 1  # client-level DP: the server averages the sites uniformly
-    records: dict[str, Any] = {ARRAYS: _to_record(outcome.arrays)}
+    records: dict[str, Any] = {ARRAYS: to_record(outcome.arrays)}
     if outcome.delta_control is not None:
-        records[SCAFFOLD_DELTA_CONTROL] = _to_record(outcome.delta_control)
+        records[SCAFFOLD_DELTA_CONTROL] = to_record(outcome.delta_control)
     return _reply(msg, ref, outcome.metrics, **records)
 
 
@@ -191,7 +183,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         cfg,
         data,
         plan,
-        _to_numpy(msg.content.array_records[ARRAYS]),
+        to_numpy(msg.content.array_records[ARRAYS]),
         split=str(config.get(KEY_SPLIT, SPLIT_VAL)),
         server_round=int(config[KEY_SERVER_ROUND]),
         state=state,
@@ -223,9 +215,9 @@ def pretrain_train(msg: Message, context: Context) -> Message:
         local_epochs=int(config.get(KEY_LOCAL_EPOCHS, cfg.fl.local_epochs)),
     )
     arrays, metrics = pretrain_round(
-        cfg, pretrain_data(ref, cfg, plan), plan, _to_numpy(msg.content.array_records[ARRAYS]), instructions
+        cfg, pretrain_data(ref, cfg, plan), plan, to_numpy(msg.content.array_records[ARRAYS]), instructions
     )
-    return _reply(msg, ref, metrics, **{ARRAYS: _to_record(arrays)})
+    return _reply(msg, ref, metrics, **{ARRAYS: to_record(arrays)})
 
 
 @app.evaluate(PRETRAIN_ACTION)
@@ -239,7 +231,7 @@ def pretrain_evaluate(msg: Message, context: Context) -> Message:
         cfg,
         pretrain_data(ref, cfg, plan),
         plan,
-        _to_numpy(msg.content.array_records[ARRAYS]),
+        to_numpy(msg.content.array_records[ARRAYS]),
         picture=state.dir / RECONSTRUCTION_PNG if last else None,
     )
     return _reply(msg, ref, metrics)

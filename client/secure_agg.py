@@ -25,12 +25,13 @@ import json
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.records import to_record
 from medseg_core.config import load_config
 from medseg_core.federation import ARRAYS, CONFIG, KEY_ARRAY_KEYS, NUM_EXAMPLES, SITE, SITE_WEIGHT
 
@@ -106,7 +107,7 @@ def masked_stage(msg: Message, context: Context, call_next: Handler, clipping_ra
     global_arrays = dict(zip(keys, received, strict=True))
     msg.content = RecordDict(
         {
-            ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in global_arrays.items()}),
+            ARRAYS: to_record(global_arrays),
             CONFIG: ConfigRecord(config),
         }
     )

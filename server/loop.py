@@ -96,6 +96,12 @@ class FederationStopped(RuntimeError):
     everything up to the last completed round."""
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first line of a (possibly multi-line traceback) reason, shortened for a one-line message."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def say_print(text: str) -> None:
     """Default console output (Flower streams the ServerApp's stdout with ``flwr run --stream``)."""
     print(text, flush=True)
@@ -315,6 +321,7 @@ class FederatedRun:
         self.history.update(status="running", num_rounds=self.num_rounds, config_hash=self.config_hash)
         self.history.setdefault("resumed_at_round", []).append(int(payload["round_idx"]) + 1)
         self.history.pop("stop_reason", None)
+        self.history.pop("stopped_round", None)
         self.plan = payload["plan"]
         self.meta = {k: payload[k] for k in ("model_config", "plan", "labels", "channel_names")}
         self.best = dict(payload["best"])
@@ -428,19 +435,31 @@ class FederatedRun:
             self.say(f"warning: {fault}")
 
     def _need(
-        self, valid: list[Message], sent: list[Message], phase: str, round_idx: int, declined: int = 0
+        self, valid: list[Message], sent: list[Message], phase: str, entry: dict[str, Any], declined: int = 0
     ) -> None:
+        """Stop the run when fewer than ``fl.min_<phase>_nodes`` replies are usable.
+
+        The unfinished round (with every left-out site and why) is kept as ``history.json: stopped_round``,
+        and the first reasons go into the message, so a stop is explained even when nobody saw the log.
+        """
         key = f"min_{phase}_nodes"
         minimum = int(self.fl[key])
         if len(valid) < minimum:
+            self.history["stopped_round"] = entry
             why = (
                 f"; {declined} site(s) declined because their privacy budget is spent (privacy.epsilon)"
                 if declined
                 else ""
             )
+            faults = [f for f in entry.get("faults", []) if f.get("phase") == phase]
+            reasons = "; ".join(f"{f.get('site') or 'node ' + str(f.get('node_id'))}: {f.get('kind')}: "
+                                f"{_first_line(str(f.get('detail', '')))}" for f in faults[:3])
+            more = f" (+{len(faults) - 3} more)" if len(faults) > 3 else ""
             raise FederationStopped(
-                f"round {round_idx}: only {len(valid)} of {len(sent)} site(s) gave a usable "
-                f"{phase} reply{why}; fl.{key}={minimum}: stopping (reasons above and in history.json)"
+                f"round {entry['round']}: only {len(valid)} of {len(sent)} site(s) gave a usable "
+                f"{phase} reply{why}; fl.{key}={minimum}: stopping"
+                + (f". Left out: {reasons}{more}" if reasons else "")
+                + " (all in history.json: stopped_round)"
             )
 
     def _log_declines(self, faults: list[Fault]) -> int:
@@ -478,7 +497,7 @@ class FederatedRun:
         declined = self._log_declines(faults)
         self._remember(valid)
         entry["train"] = {site_name(m): _metrics(m) for m in valid}  # dp-* figures kept per site
-        self._need(valid, sent, "train", r, declined)
+        self._need(valid, sent, "train", entry, declined)
         try:
             agg_arrays, agg_metrics = self.strategy.aggregate_train(r, valid)
         except (
@@ -519,7 +538,7 @@ class FederatedRun:
         self._log_faults(faults, entry["faults"])
         self._remember(valid)
         entry["evaluate"] = {site_name(m): _metrics(m) for m in valid}
-        self._need(valid, sent, "evaluate", r)
+        self._need(valid, sent, "evaluate", entry)
         entry["evaluate_aggregate"] = aggregate_by_cases(entry["evaluate"])
         entry["seconds"]["evaluate"] = time.perf_counter() - t
 

@@ -308,7 +308,7 @@ class FederatedPretrainRun(FederatedRun):
         self._log_faults(faults, entry["faults"])
         self._remember(valid)
         entry["train"] = {site_name(m): reply_metrics(m) for m in valid}
-        self._need(valid, sent, "train", r)
+        self._need(valid, sent, "train", entry)
         try:
             agg_arrays, agg_metrics = self.strategy.aggregate_train(r, valid)
         except (
@@ -342,7 +342,7 @@ class FederatedPretrainRun(FederatedRun):
         self._log_faults(faults, entry["faults"])
         self._remember(valid)
         entry["evaluate"] = {site_name(m): reply_metrics(m) for m in valid}
-        self._need(valid, sent, "evaluate", r)
+        self._need(valid, sent, "evaluate", entry)
         entry["evaluate_aggregate"] = aggregate_by_cases(entry["evaluate"])  # held-out images weigh each site
         entry["seconds"]["evaluate"] = time.perf_counter() - t
 

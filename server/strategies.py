@@ -67,8 +67,12 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """``{key: numpy array}`` as an ArrayRecord (keys kept in order)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """``{key: numpy array}`` as an ArrayRecord, keys in order and shapes kept.
+
+    ``np.require(..., "C")``, not ``np.ascontiguousarray``: the latter turns a 0-d array (BatchNorm's
+    ``num_batches_tracked``) into shape ``(1,)``, which the sites then reject as a wrong shape.
+    """
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
 
 
 def aggregate_metrics_by_cases(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:

@@ -179,7 +179,34 @@ def test_the_run_stops_with_a_clear_message_when_too_few_sites_reply(cache, tmp_
         run_inprocess(run_config(cache, run_dir), [client_app, _faulty("raises")])
     history = json.loads(RunFiles(run_dir).history.read_text())
     assert history["status"] == "stopped" and "min_train_nodes" in history["stop_reason"]
+    # the message itself says who was left out and why (a bench or a script may drop the console log),
+    # and the unfinished round keeps every fault
+    assert "Left out: site_01: error: " in history["stop_reason"] and "simulated crash" in history["stop_reason"]
+    stopped = history["stopped_round"]
+    assert stopped["round"] == 1 and set(stopped["train"]) == {"site_00"}
+    assert [(f["site"], f["kind"]) for f in stopped["faults"]] == [("site_01", "error")]
     assert "stopped" in RunFiles(run_dir).report.read_text()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedbn"])
+def test_batchnorm_models_federate_and_fedbn_keeps_their_statistics_at_the_sites(cache, tmp_path, strategy):
+    # BatchNorm's num_batches_tracked is a 0-d array: it must cross the wire as shape (), not (1,)
+    run_dir = tmp_path / f"bn-{strategy}"
+    replies: list[Message] = []
+    history = run_inprocess(run_config(cache, run_dir, f"strategy={strategy} model.norm=batch"),
+                            [_recording(replies)] * 2)
+    assert history["status"] == "completed" and not history["faults"]
+    assert all(not r["faults"] for r in history["rounds"])
+    model = model_from_checkpoint(load_checkpoint(RunFiles(run_dir).best))
+    tracked = [k for k in model.state_dict() if k.endswith("num_batches_tracked")]
+    assert tracked and all(model.state_dict()[k].shape == () for k in tracked)
+    sent = set().union(*(set(r.content[ARRAYS].keys()) for r in replies))
+    running = {k for k in model.state_dict() if k.endswith(("running_mean", "running_var"))}
+    assert running
+    if strategy == "fedbn":
+        assert not running & sent  # each site's statistics of its own scanner stay at the site
+    else:
+        assert running <= sent
 
 
 def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(cache, tmp_path):

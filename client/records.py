@@ -1,0 +1,26 @@
+"""Conversion between the site's ``{state-dict key: numpy array}`` and Flower's ``ArrayRecord``.
+
+The server keeps its own pair (``server.strategies.to_record`` / ``to_numpy``): ``client`` and ``server``
+never import each other, and ``medseg_core`` never imports Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord as ``{key: numpy array}``."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """``{key: numpy array}`` as an ArrayRecord, keys in order and shapes kept.
+
+    ``np.require(..., "C")``, not ``np.ascontiguousarray``: the latter turns a 0-d array (BatchNorm's
+    ``num_batches_tracked``) into shape ``(1,)``, which the receiver then rejects as a wrong shape.
+    """
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
