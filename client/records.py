@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from medseg_core.federation import wire_arrays
+
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     """An ArrayRecord as ``{key: numpy array}``."""
@@ -18,9 +20,5 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """``{key: numpy array}`` as an ArrayRecord, keys in order and shapes kept.
-
-    ``np.require(..., "C")``, not ``np.ascontiguousarray``: the latter turns a 0-d array (BatchNorm's
-    ``num_batches_tracked``) into shape ``(1,)``, which the receiver then rejects as a wrong shape.
-    """
-    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
+    """``{key: numpy array}`` as an ArrayRecord, keys in order and shapes kept (``wire_arrays``)."""
+    return ArrayRecord({k: Array(v) for k, v in wire_arrays(arrays).items()})

@@ -212,6 +212,15 @@ def local_keys(model: torch.nn.Module, keep_local: str | None) -> list[str]:
     raise ValueError(f"strategy.keep_local must be null or 'norm', got {keep_local!r}")
 
 
+def wire_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays ready for a Flower ``Array``: C-contiguous, every shape kept (keys in order).
+
+    ``np.require(..., "C")``, not ``np.ascontiguousarray``: the latter turns a 0-d array (BatchNorm's
+    ``num_batches_tracked``) into shape ``(1,)``, which the receiver then rejects as a wrong shape.
+    """
+    return {k: np.require(v, requirements="C") for k, v in arrays.items()}
+
+
 def state_to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """A torch state dict as NumPy arrays on the CPU (copies)."""
     return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}

@@ -53,6 +53,7 @@ from medseg_core.federation import (
     local_keys,
     parameter_keys,
     scaffold_server_update,
+    wire_arrays,
     zeros_like,
 )
 from medseg_core.privacy_report import is_privacy_metric
@@ -67,12 +68,8 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """``{key: numpy array}`` as an ArrayRecord, keys in order and shapes kept.
-
-    ``np.require(..., "C")``, not ``np.ascontiguousarray``: the latter turns a 0-d array (BatchNorm's
-    ``num_batches_tracked``) into shape ``(1,)``, which the sites then reject as a wrong shape.
-    """
-    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
+    """``{key: numpy array}`` as an ArrayRecord, keys in order and shapes kept (``wire_arrays``)."""
+    return ArrayRecord({k: Array(v) for k, v in wire_arrays(arrays).items()})
 
 
 def aggregate_metrics_by_cases(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:

@@ -22,6 +22,7 @@ from medseg_core.federation import (
     scaffold_client_update,
     scaffold_server_update,
     weighted_mean,
+    wire_arrays,
 )
 
 
@@ -141,3 +142,12 @@ def test_protocol_hash_ignores_where_each_party_keeps_files_but_not_what_is_trai
     b = load_config({"experiment": "fl_smoke", "overrides": "data.cache_dir=/hospital/cache fl.state_dir=/s"})
     c = load_config({"experiment": "fl_smoke", "overrides": "model.channels=[4,8,32]"})
     assert protocol_hash(a) == protocol_hash(b) != protocol_hash(c)
+
+
+def test_wire_arrays_keep_zero_d_arrays_zero_d_and_make_views_contiguous():
+    arrays = {"bn.num_batches_tracked": np.array(7, dtype=np.int64), "w": np.arange(6.0).reshape(2, 3).T}
+    out = wire_arrays(arrays)
+    assert list(out) == list(arrays)
+    assert out["bn.num_batches_tracked"].shape == () and int(out["bn.num_batches_tracked"]) == 7
+    assert out["w"].flags.c_contiguous and np.array_equal(out["w"], arrays["w"])
+    assert np.ascontiguousarray(arrays["bn.num_batches_tracked"]).shape == (1,)  # what went wrong before
