@@ -217,8 +217,9 @@ def trim_cache(cache: OrderedDict, cfg: DictConfig, size: Callable[[Any], int]) 
     pass over its volumes on every call); the most recent entry always stays. Call with the lock held.
     """
     budget = float(cfg.data.get("process_cache_gb", DEFAULT_PROCESS_CACHE_GB)) * 2**30
-    while len(cache) > 1 and sum(size(v) for v in cache.values()) > budget:
-        cache.popitem(last=False)
+    total = sum(size(v) for v in cache.values())
+    while len(cache) > 1 and total > budget:
+        total -= size(cache.popitem(last=False)[1])
 
 
 def cached_bytes(*loaders: DataLoader | None) -> int:

@@ -96,7 +96,7 @@ class FederationStopped(RuntimeError):
     everything up to the last completed round."""
 
 
-def _first_line(text: str, limit: int = 200) -> str:
+def _first_line(text: str, limit: int = 300) -> str:
     """The first line of a (possibly multi-line traceback) reason, shortened for a one-line message."""
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
@@ -452,8 +452,7 @@ class FederatedRun:
                 else ""
             )
             faults = [f for f in entry.get("faults", []) if f.get("phase") == phase]
-            reasons = "; ".join(f"{f.get('site') or 'node ' + str(f.get('node_id'))}: {f.get('kind')}: "
-                                f"{_first_line(str(f.get('detail', '')))}" for f in faults[:3])
+            reasons = "; ".join(_first_line(str(Fault(**f))) for f in faults[:3])
             more = f" (+{len(faults) - 3} more)" if len(faults) > 3 else ""
             raise FederationStopped(
                 f"round {entry['round']}: only {len(valid)} of {len(sent)} site(s) gave a usable "

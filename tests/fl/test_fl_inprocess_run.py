@@ -181,7 +181,9 @@ def test_the_run_stops_with_a_clear_message_when_too_few_sites_reply(cache, tmp_
     assert history["status"] == "stopped" and "min_train_nodes" in history["stop_reason"]
     # the message itself says who was left out and why (a bench or a script may drop the console log),
     # and the unfinished round keeps every fault
-    assert "Left out: site_01: error: " in history["stop_reason"] and "simulated crash" in history["stop_reason"]
+    reason = history["stop_reason"]
+    assert "Left out: round 1 train: site site_01 (node " in reason and "left out (error): " in reason
+    assert "simulated crash" in reason
     stopped = history["stopped_round"]
     assert stopped["round"] == 1 and set(stopped["train"]) == {"site_00"}
     assert [(f["site"], f["kind"]) for f in stopped["faults"]] == [("site_01", "error")]
