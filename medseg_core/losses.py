@@ -63,6 +63,12 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _check_pair(logits: torch.Tensor, target: torch.Tensor) -> None:
     """Validate ``logits [B, C, *spatial]`` against ``target [B, 1, *spatial]``."""
+    if isinstance(logits, (list, tuple)):
+        raise ValueError(
+            f"the model returned {len(logits)} outputs (deep supervision) but the loss takes one: build the "
+            "loss with deep_supervision=True (config: loss.deep_supervision=true, the default when "
+            "model.deep_supervision is true)"
+        )
     if logits.dim() not in (4, 5):
         raise ValueError(f"logits must be [B, C, H, W] or [B, C, H, W, D], got shape {tuple(logits.shape)}")
     if target.dim() != logits.dim() or target.shape[1] != 1:

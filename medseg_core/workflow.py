@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from medseg_core.data.dataset import Case, SiteDataset, load_site, site_dirs
 from medseg_core.data.problems import ERROR, DatasetError, problem
 from medseg_core.data.validate import ensure_valid, skip_bad_cases
-from medseg_core.models import build_model
+from medseg_core.models import build_model, get_model_spec
 
 
 def to_container(cfg: DictConfig | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -104,14 +104,29 @@ def model_config(model_cfg: DictConfig | Mapping[str, Any], *, in_channels: int,
 
     ``in_channels``/``out_channels`` come from the dataset; an ``img_size`` left ``null`` in the config
     (transformers) becomes the plan's patch size.
+
+    Raises:
+        ValueError: a model whose inputs must be exactly ``img_size`` (UNETR) configured with another size
+            than the plan's patch, which every trainer feeds it (found here, before any training).
     """
     kwargs = to_container(model_cfg)
     kwargs.pop("_target_", None)
     kwargs.pop("pretrained", None)
     kwargs["in_channels"], kwargs["out_channels"] = int(in_channels), int(out_channels)
-    if "img_size" in kwargs and kwargs["img_size"] is None and plan is not None:
+    if "img_size" in kwargs and plan is not None:
         dims = int(kwargs.get("spatial_dims", 3))
-        kwargs["img_size"] = list(plan["patch_size"] if dims == 3 else plan["patch_size_2d"])
+        patch = [int(v) for v in (plan["patch_size"] if dims == 3 else plan["patch_size_2d"])]
+        size = kwargs["img_size"]
+        if size is None:
+            kwargs["img_size"] = patch
+        elif get_model_spec(str(kwargs.get("name"))).fixed_input_size:
+            size = (int(size),) * dims if isinstance(size, int) else tuple(int(v) for v in size)
+            if size != tuple(patch):
+                raise ValueError(
+                    f"model {kwargs.get('name')!r}: img_size {size} differs from the plan's patch size "
+                    f"{tuple(patch)}, which training and sliding-window inference feed it, and its position "
+                    f"embeddings are fixed; set model.img_size=null to take the plan's patch"
+                )
     return kwargs
 
 

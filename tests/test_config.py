@@ -20,6 +20,7 @@ from medseg_core.config import (
     load_config,
     run_config_overrides,
 )
+from medseg_core.workflow import build_configured_model, model_config
 
 CONFIG_DIR = Path(configs.__file__).parent
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -83,6 +84,14 @@ def test_every_group_option_composes_and_instantiates(group, option):
     node = cfg[group]
     if node is None:  # an empty option (e.g. sched=none) is allowed: it means "off"
         return
+    if group == "model":  # as the trainers build it: plan-dependent values (img_size: null) from a plan
+        plan = {"patch_size": [32, 32, 32], "patch_size_2d": [32, 32]}
+        if option in ("transunet_r50_vit_b16", "transunet_vit_b16"):  # official size: no memory needed
+            with torch.device("meta"):
+                build_configured_model(model_config(node, in_channels=1, out_channels=3, plan=plan))
+        else:
+            build_configured_model(model_config(node, in_channels=1, out_channels=3, plan=plan))
+        return
     _instantiate_all(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), group)
 
 
@@ -130,3 +139,21 @@ def test_config_hash_ignores_site_local_folders_and_what_derives_from_them():
     longer = load_config({"overrides": "fl.num_rounds=7"})  # train.epochs: ${fl.num_rounds} follows it
     assert config_hash(longer) != config_hash(base)
     assert config_hash(longer, ignore=["fl.num_rounds"]) == config_hash(base, ignore=["fl.num_rounds"])
+
+
+@pytest.mark.parametrize("primary", ["train", "fl"])
+@pytest.mark.parametrize("model", ["dynunet", "unetpp"])
+def test_a_deep_supervision_model_gets_a_deep_supervision_loss(primary, model):
+    """The loss follows ``model.deep_supervision`` (it used to stay plain, and training crashed)."""
+    from medseg_core.losses import DeepSupervisionLoss
+
+    on = compose_config(primary, [f"model={model}", "model.deep_supervision=true"])
+    off = compose_config(primary, [f"model={model}"])
+    assert isinstance(hydra.utils.instantiate(on.loss), DeepSupervisionLoss)
+    assert not isinstance(hydra.utils.instantiate(off.loss), DeepSupervisionLoss)
+    # for every loss, and a model without the option (unet3d) gets the plain loss
+    for loss in _options("loss"):
+        assert isinstance(hydra.utils.instantiate(compose_config(primary, [
+            f"model={model}", "model.deep_supervision=true", f"loss={loss}"]).loss), DeepSupervisionLoss), loss
+    assert not isinstance(hydra.utils.instantiate(compose_config(primary, ["model=unet3d"]).loss),
+                          DeepSupervisionLoss)

@@ -45,6 +45,8 @@ class ModelSpec:
             3D 32^3 inputs, a few thousand parameters).
         dp_unsupported: why the model cannot be made DP-compatible, or ``None``.
         requires: importable modules the model needs beyond the project's dependencies.
+        fixed_input_size: inputs must be exactly ``img_size`` (position embeddings that do not
+            interpolate), so ``img_size`` has to equal the training patch.
     """
 
     name: str
@@ -53,6 +55,7 @@ class ModelSpec:
     tiny: Callable[[int], dict[str, Any]]
     dp_unsupported: str | None = None
     requires: tuple[str, ...] = field(default=())
+    fixed_input_size: bool = False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -65,6 +68,7 @@ def register_model(
     tiny: Callable[[int], dict[str, Any]],
     dp_unsupported: str | None = None,
     requires: tuple[str, ...] = (),
+    fixed_input_size: bool = False,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model builder under ``name``.
 
@@ -78,7 +82,8 @@ def register_model(
         missing = [a for a in COMMON_ARGS if a not in inspect.signature(builder).parameters]
         if missing:
             raise ValueError(f"builder for {name!r} lacks the common arguments {missing}")
-        _REGISTRY[name] = ModelSpec(name, builder, tuple(spatial_dims), tiny, dp_unsupported, tuple(requires))
+        _REGISTRY[name] = ModelSpec(name, builder, tuple(spatial_dims), tiny, dp_unsupported, tuple(requires),
+                                    fixed_input_size)
         return builder
 
     return decorator

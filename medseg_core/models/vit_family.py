@@ -34,6 +34,7 @@ def _size_tuple(
     spatial_dims=(2, 3),
     tiny=lambda d: {"img_size": 32, "feature_size": 4, "hidden_size": 16, "mlp_dim": 32, "num_heads": 2},
     requires=("einops",),
+    fixed_input_size=True,  # MONAI's ViT position embeddings do not interpolate
 )
 def unetr(
     spatial_dims: int,

@@ -102,3 +102,21 @@ def test_engine_runs_unchanged_under_opacus():
     stats = train_one_epoch(model, dict_loader, build_loss("dice_ce"), opt, device=torch.device("cpu"))
     assert stats["num_steps"] >= 1
     assert engine.get_epsilon(delta=1e-3) > 0
+
+
+@pytest.mark.parametrize("name", ["dynunet", "unetpp"])
+def test_deep_supervision_models_train_with_the_wrapped_loss_and_a_plain_loss_says_why_not(name):
+    torch.manual_seed(0)
+    kwargs = {"deep_supervision": True}
+    if name == "dynunet":
+        kwargs.update(kernel_size=[3, 3, 3], strides=[1, 2, 2], filters=[4, 8, 16], deep_supr_num=1)
+    else:
+        kwargs.update(features=[4, 4, 8, 8, 16, 4])
+    model = build_model(name, spatial_dims=2, in_channels=1, out_channels=2, **kwargs)
+    data = _toy_batches(2, size=32)  # U-Net++ halves the input four times
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    stats = train_one_epoch(model, data, build_loss("dice_ce", deep_supervision=True), opt,
+                            device=torch.device("cpu"))
+    assert stats["num_steps"] == 2 and torch.isfinite(torch.tensor(stats["loss"]))
+    with pytest.raises(ValueError, match="deep supervision.*loss.deep_supervision"):
+        train_one_epoch(model, data, build_loss("dice_ce"), opt, device=torch.device("cpu"))

@@ -23,6 +23,7 @@ from medseg_core.models import (
     model_spatial_dims,
     tiny_config,
 )
+from medseg_core.workflow import build_configured_model, model_config
 
 SIZE = 32
 CASES = [pytest.param(n, d, id=f"{n}-{d}d") for n in list_models() for d in model_spatial_dims(n)]
@@ -308,19 +309,43 @@ def test_dynunet_built_from_the_plan_runs_on_an_anisotropic_patch():
 # ------------------------------------------------------------------------------------------ Hydra configs
 
 
+#: what the trainers pass for a 32^3 plan (``img_size: null`` in a config becomes the patch)
+STAND_IN_PLAN = {"patch_size": [32, 32, 32], "patch_size_2d": [32, 32]}
+
+
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_model_config_instantiates(path):
     cfg = OmegaConf.load(path)
     assert cfg._target_ == "medseg_core.models.build_model"
     assert cfg.dp_compatible is False and cfg.in_channels == 1
     _skip_missing(cfg.name)
+    kwargs = model_config(cfg, in_channels=1, out_channels=3, plan=STAND_IN_PLAN)  # the trainers' path
     if path.name in OFFICIAL_SIZE:
         with torch.device("meta"):
-            model = hydra.utils.instantiate(cfg)
+            model = build_configured_model(kwargs)
     else:
-        model = hydra.utils.instantiate(cfg)
+        model = build_configured_model(kwargs)
         assert sum(p.numel() for p in model.parameters()) < 50e6  # CPU-sized
     assert isinstance(model, nn.Module)
+
+
+def test_a_fixed_size_model_takes_the_plans_patch_and_refuses_another_size_before_training():
+    """UNETR's position embeddings are fixed: its config leaves ``img_size`` to the plan (it used to say
+    32^3 and ``medseg-train`` crashed in the first step on 64^3 data)."""
+    plan = {"patch_size": [64, 64, 48], "patch_size_2d": [64, 64]}
+    unetr = OmegaConf.load(Path(configs.__file__).parent / "model" / "unetr.yaml")
+    assert unetr.img_size is None
+    assert model_config(unetr, in_channels=1, out_channels=3, plan=plan)["img_size"] == [64, 64, 48]
+    assert model_config({**unetr, "spatial_dims": 2}, in_channels=1, out_channels=3, plan=plan)["img_size"] == [64, 64]
+    with pytest.raises(ValueError, match=r"unetr.*img_size \(32, 32, 32\).*patch size \(64, 64, 48\).*model\.img_size=null"):
+        model_config({**unetr, "img_size": [32, 32, 32]}, in_channels=1, out_channels=3, plan=plan)
+    with pytest.raises(ValueError, match=r"img_size \(64, 64, 64\)"):  # an int means a cube
+        model_config({**unetr, "img_size": 64}, in_channels=1, out_channels=3, plan=plan)
+    fine = model_config({**unetr, "img_size": [64, 64, 48]}, in_channels=1, out_channels=3, plan=plan)
+    assert build_configured_model(fine)(torch.randn(1, 1, 64, 64, 48)).shape == (1, 3, 64, 64, 48)
+    # TransUNet interpolates its position embeddings: its stored grid is kept
+    small = OmegaConf.load(Path(configs.__file__).parent / "model" / "transunet3d_small.yaml")
+    assert model_config(small, in_channels=1, out_channels=3, plan=plan)["img_size"] == [32, 32, 32]
 
 
 def test_official_config_has_the_official_parameter_count():
