@@ -48,7 +48,9 @@ def model_config_hash(model_config: Mapping[str, Any]) -> str:
 def output_dependent_keys(model_config: Mapping[str, Any]) -> list[str]:
     """State-dict keys of a registry model whose presence or shape depends on ``out_channels`` (the head).
 
-    Built twice on the ``meta`` device (no memory, no initialisation) with different ``out_channels``.
+    Built twice with different ``out_channels``: on the ``meta`` device (no memory, no initialisation), or,
+    for a constructor that reads tensor values (MONAI's Swin-UNETR calls ``.item()``), on the CPU with the
+    global random state restored afterwards, so the caller's initialisation is unchanged.
 
     Args:
         model_config: registry kwargs, ``name`` included.
@@ -60,8 +62,12 @@ def output_dependent_keys(model_config: Mapping[str, Any]) -> list[str]:
     shapes = []
     for out_channels in (2, 3):
         cfg["out_channels"] = out_channels
-        with torch.device("meta"):
-            state = build_model(name, **cfg).state_dict()
+        try:
+            with torch.device("meta"):
+                state = build_model(name, **cfg).state_dict()
+        except (NotImplementedError, RuntimeError):  # the meta device cannot run this constructor
+            with torch.random.fork_rng(devices=[]):
+                state = build_model(name, **cfg).state_dict()
         shapes.append({k: tuple(v.shape) for k, v in state.items()})
     a, b = shapes
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -7,7 +7,7 @@ import torch
 
 from medseg_core.checkpoint import CheckpointError, save_checkpoint
 from medseg_core.config import compose_config
-from medseg_core.models import tiny_config
+from medseg_core.models import list_models, model_spatial_dims, tiny_config
 from medseg_core.models.pretrained import (
     PretrainedMismatchError,
     load_pretrained_encoder,
@@ -82,6 +82,20 @@ def test_cnn_encoder_leaves_out_the_head_whose_shape_depends_on_the_classes(tmp_
     other = {**cfg, "out_channels": 5}
     report = load_pretrained_encoder(_seg(other), tmp_path / "e.pt", model_config=other)
     assert report.clean and sorted(report.initialised) == head
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_names_its_head_keys_without_touching_the_random_state(name):
+    """Swin-UNETR cannot be built on the meta device (MONAI calls ``.item()`` in its constructor):
+    masked-image pretraining of it used to crash before the first step."""
+    dims = 3 if 3 in model_spatial_dims(name) else 2
+    cfg = _cfg(name, dims)
+    torch.manual_seed(5)
+    head = output_dependent_keys(cfg)
+    drawn = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(1)), "building the stand-in models consumed random numbers"
+    assert head, name  # every model's last layer depends on the number of classes
 
 
 def test_a_mismatch_is_an_error_unless_allowed_and_leaves_the_model_unchanged(tmp_path):
