@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from medseg_core.federation import ARRAYS, CONFIG, KEY_SITE_NAME, METRICS, NUM_EXAMPLES, SITE
 from server.inprocess import InProcessGrid
+from server.loop import poll_interval, send_messages
 from server.replies import DUPLICATE, ERROR, INVALID, TIMEOUT, screen_replies
 from server.strategies import to_record
 
@@ -86,3 +89,54 @@ def test_evaluation_replies_need_no_arrays_and_late_replies_are_ignored():
     late = _ok(other, "old")
     valid, faults = screen_replies("evaluate", 2, sent, [reply, late], needs_arrays=False)
     assert len(valid) == 1 and faults == []
+
+
+class _TimedGrid:
+    """A grid whose replies appear ``delay_s`` after the push (``None``: never); it counts the pulls."""
+
+    def __init__(self, delay_s: float | None):
+        self.delay_s, self.pulls, self._pushed = delay_s, [], {}
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self._pushed)}"
+            self._pushed[msg.metadata.message_id] = (msg, time.monotonic())
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic()
+        self.pulls.append(now)
+        due = [i for i in message_ids if self.delay_s is not None and now - self._pushed[i][1] >= self.delay_s]
+        return [Message(RecordDict(), reply_to=self._pushed.pop(i)[0]) for i in due]
+
+
+def _messages(n: int) -> list[Message]:
+    return _sent(range(1, n + 1))
+
+
+def test_replies_are_collected_within_a_small_fraction_of_the_wait_and_polling_backs_off():
+    """Flower's own send_and_receive sleeps 0.1 s (simulation) or 3 s (deployment) between pulls: a
+    fast round paid that latency twice (train, evaluate). Ours polls in proportion to the time waited."""
+    grid = _TimedGrid(delay_s=1.0)
+    t0 = time.monotonic()
+    sent, replies = send_messages(grid, _messages(3), timeout_s=30)
+    waited = time.monotonic() - t0
+    assert len(sent) == 3 and len(replies) == 3
+    assert waited < 1.0 + 0.05, waited  # seen within ~2 % of the wait, not 0.1 s or 3 s later
+    gaps = np.diff(grid.pulls)
+    assert gaps[-1] > 1.5 * gaps[0]  # backs off ...
+    assert len(grid.pulls) < 120
+    # ... to once a second: ~1,000 pulls in a ten-minute round, where a fixed 10 ms poll makes 60,000
+    assert poll_interval(0.0) == 0.01 and poll_interval(5.0) == 0.1 and poll_interval(600.0) == 1.0
+
+
+def test_a_missing_reply_ends_the_wait_at_the_timeout_with_the_others():
+    grid = _TimedGrid(delay_s=None)
+    t0 = time.monotonic()
+    sent, replies = send_messages(grid, _messages(2), timeout_s=1.0)
+    assert len(sent) == 2 and replies == []
+    assert 1.0 <= time.monotonic() - t0 < 1.3
+    assert np.diff(grid.pulls).max() <= 1.0 + 0.05  # never sleeps past the deadline by more than a pull
+    assert send_messages(grid, [], timeout_s=1.0) == ([], [])
