@@ -33,6 +33,7 @@ from client.privacy import (
     resolve_ledger_scope,
 )
 from client.site import KEEP_CONTROL_FILES, SiteData, SiteState, held_out_loader
+from medseg_core.checkpoint import save_checkpoint
 from medseg_core.engine import build_optimizer, evaluate, prepare_model, train_one_epoch
 from medseg_core.federation import (
     EVAL_SECONDS,
@@ -99,11 +100,14 @@ class TrainOutcome:
     delta_control: dict[str, np.ndarray] | None = None
 
 
+def site_model_config(cfg: DictConfig, data: SiteData, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The registry kwargs of the configured network for this site's data and the run's plan."""
+    return model_config(cfg.model, in_channels=data.site.num_channels, out_channels=data.site.num_classes, plan=plan)
+
+
 def build_site_model(cfg: DictConfig, data: SiteData, plan: Mapping[str, Any]) -> torch.nn.Module:
     """The configured network for this site's data, initialised as the server's (same seed)."""
-    kwargs = model_config(
-        cfg.model, in_channels=data.site.num_channels, out_channels=data.site.num_classes, plan=plan
-    )
+    kwargs = site_model_config(cfg, data, plan)
     torch.manual_seed(int(cfg.seed))
     return build_configured_model(kwargs)
 
@@ -338,6 +342,13 @@ def evaluate_round(
     model = build_site_model(cfg, data, plan)
     keep = local_keys(model, cfg.strategy.get("keep_local"))
     load_weights(model, received, keep, state.load(LOCAL, server_round + 1) if keep else None)
+    if split == SPLIT_TEST:  # the final test's model is the run's best: the site keeps its own copy
+        save_checkpoint(
+            state.model_path, state_dict=model.state_dict(), model_config=site_model_config(cfg, data, plan),
+            plan=plan, labels=data.site.labels, channel_names=data.site.channel_names,
+            round_idx=int(server_round), run_name=state.dir.name, site=data.site.name,
+            local_keys=sorted(keep),
+        )
     model = prepare_model(
         model, device, channels_last=bool(cfg.train.channels_last), spatial_dims=int(cfg.model.spatial_dims)
     )

@@ -40,6 +40,7 @@ from medseg_core.federation import (
     NODE_SITE_DIR,
     NODE_SITE_ID,
     NODE_STATE_DIR,
+    SITE_MODEL,
     check_safe_name,
 )
 from medseg_core.workflow import to_container, validated_site
@@ -255,7 +256,8 @@ def held_out_loader(data: SiteData, plan: Mapping[str, Any]) -> DataLoader | Non
 
 
 class SiteState:
-    """Files a site keeps for one run: ``<state_root>/<run-name>/{local,control}_<round>.pt``.
+    """Files a site keeps for one run: ``<state_root>/<run-name>/{local,control}_<round>.pt``, and
+    :data:`medseg_core.federation.SITE_MODEL`.
 
     Each round writes its own file, and a round reads the newest file written *before* it, so a
     server that crashes in the middle of a round and is resumed finds the site's state exactly as it
@@ -264,6 +266,11 @@ class SiteState:
 
     def __init__(self, state_root: str | Path, run_name: str) -> None:
         self.dir = Path(state_root) / check_safe_name(run_name, "run name")
+
+    @property
+    def model_path(self) -> Path:
+        """The site's copy of the best model, a checkpoint ``medseg-predict`` reads."""
+        return self.dir / SITE_MODEL
 
     def _path(self, kind: str, round_idx: int) -> Path:
         return self.dir / f"{kind}_{int(round_idx):04d}.pt"

@@ -86,6 +86,9 @@ KEY_PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx sends
 KEY_SPLIT = "split"
 SPLIT_VAL = "val"
 SPLIT_TEST = "test"
+#: where a site keeps the model of the final test (the run's best, with its own local layers), in its
+#: state folder for the run: a checkpoint ``medseg-predict`` reads
+SITE_MODEL = "model_best.pt"
 SPLITS = (SPLIT_VAL, SPLIT_TEST)
 #: SecAgg+ rounds only (legacy ``fitins.*`` layout, whose weights are a nameless list): JSON list of the
 #: weights' state-dict keys, in the order of that list

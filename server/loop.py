@@ -55,6 +55,7 @@ from medseg_core.federation import (
     KEY_SPLIT,
     NUM_EXAMPLES,
     SITE,
+    SITE_MODEL,
     SPLIT_TEST,
     SPLIT_VAL,
     aggregate_by_cases,
@@ -639,6 +640,10 @@ class FederatedRun:
         self.history["timings"]["final_test_s"] = time.perf_counter() - t
         rows = ", ".join(f"{s} {m.get(DICE, math.nan):.3f}" for s, m in sorted(per_site.items()))
         self.say(f"test (best round {self.best['round']}): Dice {rows or 'no site has a test split'}")
+        if valid:
+            own = " with its own normalisation layers" if isinstance(self.strategy, FedBN) else ""
+            self.say(f"each site that answered keeps this model{own} for medseg-predict: "
+                     f"<state-dir>/{self.history['run_name']}/{SITE_MODEL}")
 
     def _write_history(self) -> None:
         write_json(self.history, self.files.history)

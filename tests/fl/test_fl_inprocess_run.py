@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from fl_helpers import make_grid, run_config, run_inprocess
 from flwr.app import Context, Message
 
@@ -21,7 +22,15 @@ from medseg_core.config import load_config
 from medseg_core.data.dataset import load_site, site_dirs
 from medseg_core.data.loaders import split_train_val
 from medseg_core.data.source import ensure_data_root
-from medseg_core.federation import ARRAYS, DICE, NUM_EXAMPLES, SCAFFOLD_DELTA_CONTROL, norm_state_keys
+from medseg_core.federation import (
+    ARRAYS,
+    DICE,
+    NUM_EXAMPLES,
+    SCAFFOLD_DELTA_CONTROL,
+    SITE_MODEL,
+    norm_state_keys,
+)
+from medseg_core.predict import main as predict_main
 from server.loop import FederatedRun, FederationStopped
 from server.run_files import RunFiles, run_name_for
 from server.strategies import to_numpy, to_record
@@ -30,6 +39,10 @@ from server.strategies import to_numpy, to_record
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("fl-cache")
+
+
+def _site_dir(cache, site: str):
+    return ensure_data_root(load_config(run_config(cache)).data) / site
 
 
 def _final_arrays(run_dir, rounds):
@@ -209,6 +222,30 @@ def test_batchnorm_models_federate_and_fedbn_keeps_their_statistics_at_the_sites
         assert not running & sent  # each site's statistics of its own scanner stay at the site
     else:
         assert running <= sent
+
+    # each site keeps the best model with its own layers, as a checkpoint medseg-predict reads
+    server_best = load_checkpoint(RunFiles(run_dir).best)["state_dict"]
+    kept = {}
+    for site in ("site_00", "site_01"):
+        path = cache / "site-state" / site / run_name_for(run_dir) / SITE_MODEL
+        payload = load_checkpoint(path)
+        assert payload["round_idx"] == history["test"]["round"] and payload["site"] == site
+        model_from_checkpoint(payload)  # a complete model (strict load)
+        kept[site] = payload["state_dict"]
+        local = set(payload["local_keys"])
+        assert running <= local if strategy == "fedbn" else not local
+        assert all(torch.equal(v, server_best[k]) for k, v in kept[site].items() if k not in local)
+        out = tmp_path / f"pred-{strategy}-{site}"
+        assert predict_main(["--checkpoint", str(path), "--input", str(_site_dir(cache, site) / "imagesTs"),
+                             "--output", str(out), "--reference", str(_site_dir(cache, site) / "labelsTs")]) == 0
+        scored = json.loads((out / "metrics.json").read_text())["aggregate"]["mean"]["dice"]
+        assert scored == pytest.approx(history["test"]["sites"][site]["dice"], abs=0.02)
+    same = [torch.equal(kept["site_00"][k], kept["site_01"][k]) for k in sorted(running)]
+    if strategy == "fedbn":  # its own scanner's statistics, not the server's (never trained) ones
+        assert not any(same)
+        assert not any(torch.equal(kept["site_00"][k], server_best[k]) for k in running)
+    else:
+        assert all(same)
 
 
 def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(cache, tmp_path):
