@@ -346,7 +346,7 @@ def evaluate_round(
         save_checkpoint(
             state.model_path, state_dict=model.state_dict(), model_config=site_model_config(cfg, data, plan),
             plan=plan, labels=data.site.labels, channel_names=data.site.channel_names,
-            round_idx=int(server_round), run_name=state.dir.name, site=data.site.name,
+            round_idx=int(server_round), run_name=state.dir.name,
             local_keys=sorted(keep),
         )
     model = prepare_model(

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from client.certs import make_deployment_files
+from medseg_core.checkpoint import load_checkpoint
 from medseg_core.data.synthetic import make_federation
+from medseg_core.federation import SITE_MODEL
 from server.run_files import RunFiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,7 +187,7 @@ def test_two_hospitals_train_over_tls_with_node_authentication(tmp_path, process
                 "--stream",
                 "--run-config",
                 f"experiment='fl_smoke' overrides='paths.run_dir={run_dir} fl.connect_timeout_s=120 "
-                f"fl.final_test=false {extra}'",
+                f"{extra}'",
             ],
             cwd=tmp_path,
             env=env,
@@ -197,17 +199,22 @@ def test_two_hospitals_train_over_tls_with_node_authentication(tmp_path, process
         return proc.stdout + proc.stderr
 
     run_dir = tmp_path / "run"
-    out = flwr_run(run_dir)
+    out = flwr_run(run_dir, "fl.final_test=true")
     assert "round 0: 2 site(s) enrolled ['hospital_a', 'hospital_b']" in out, out
     assert "round 1/2" in out and "round 2/2" in out and "done: best round" in out, out
     history = json.loads(RunFiles(run_dir).history.read_text())
     assert history["status"] == "completed" and len(history["rounds"]) == 2
     assert set(history["rounds"][1]["train"]) == set(SITES)
     assert (tmp_path / "state" / "hospital_a").is_dir()  # the site's state lives where its node config says
+    # each hospital keeps the final test's model in its own state folder, ready for medseg-predict
+    assert set(history["test"]["sites"]) == set(SITES) and "each site that answered keeps this model" in out
+    for site in SITES:
+        kept = load_checkpoint(tmp_path / "state" / site / history["run_name"] / SITE_MODEL)
+        assert kept["round_idx"] == history["test"]["round"]
 
     # the same deployment with SecAgg+: the train phase goes through Flower's masking protocol end to end
     secure_dir = tmp_path / "run-secagg"
-    out = flwr_run(secure_dir, "fl.num_rounds=1 privacy=secagg")
+    out = flwr_run(secure_dir, "fl.final_test=false fl.num_rounds=1 privacy=secagg")
     history = json.loads(RunFiles(secure_dir).history.read_text())
     assert history["status"] == "completed", out
     (secure,) = history["privacy"]["secagg_rounds"]

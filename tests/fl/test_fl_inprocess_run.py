@@ -229,7 +229,7 @@ def test_batchnorm_models_federate_and_fedbn_keeps_their_statistics_at_the_sites
     for site in ("site_00", "site_01"):
         path = cache / "site-state" / site / run_name_for(run_dir) / SITE_MODEL
         payload = load_checkpoint(path)
-        assert payload["round_idx"] == history["test"]["round"] and payload["site"] == site
+        assert payload["round_idx"] == history["test"]["round"] and payload["run_name"] == run_name_for(run_dir)
         model_from_checkpoint(payload)  # a complete model (strict load)
         kept[site] = payload["state_dict"]
         local = set(payload["local_keys"])
