@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from medseg_core.models.pretrained import load_pretrained_from_config
 from medseg_core.privacy_report import DECLINED, plot_epsilon
 from medseg_core.runtime import rng_state, seed_everything, set_rng_state
 from medseg_core.workflow import build_configured_model, model_config, plan_options
+from server.messaging import send_messages
 from server.replies import INVALID, Fault, screen_replies, site_name
 from server.report import plot_history, privacy_settings, round_line, write_report
 from server.run_files import (
@@ -147,41 +148,6 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, say: Say = say_pr
             say(f"waiting for sites: {len(nodes)} connected, {minimum} needed")
             last_note = now
         time.sleep(0.5)
-
-
-#: Poll for replies every ``POLL_FRACTION`` of the time waited so far, within these bounds (seconds).
-#: Flower's ``Grid.send_and_receive`` sleeps a fixed 0.1 s (simulation) or 3 s (deployment) between
-#: pulls, which a round pays twice (train, evaluate) whatever its length: with proportional polling
-#: the added latency stays near 2 % of the exchange, and a deployment's SuperLink is asked at most
-#: once a second while the sites train.
-POLL_FRACTION, POLL_MIN_S, POLL_MAX_S = 0.02, 0.01, 1.0
-
-
-def send_messages(
-    grid: Grid, messages: Iterable[Message], timeout_s: float
-) -> tuple[list[Message], list[Message]]:
-    """Send ``messages``; returns ``(sent, replies that arrived within timeout_s seconds)``."""
-    sent = list(messages)
-    if not sent:
-        return [], []
-    start = time.monotonic()
-    deadline = start + timeout_s
-    pending = {i for i in grid.push_messages(sent) if i}
-    replies: list[Message] = []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        now = time.monotonic()
-        if not pending or now >= deadline:
-            break
-        time.sleep(min(poll_interval(now - start), deadline - now))
-    return sent, replies
-
-
-def poll_interval(waited_s: float) -> float:
-    """Seconds to sleep before the next pull for replies, after ``waited_s`` seconds of waiting."""
-    return min(max(POLL_FRACTION * waited_s, POLL_MIN_S), POLL_MAX_S)
 
 
 def reply_metrics(msg: Message) -> dict[str, float]:

@@ -71,9 +71,9 @@ from server.loop import (
     plan_from_fingerprints,
     reply_metrics,
     say_print,
-    send_messages,
     wait_for_nodes,
 )
+from server.messaging import send_messages
 from server.replies import INVALID, Fault, screen_replies, site_name
 from server.strategies import to_numpy, to_record
 

@@ -68,6 +68,7 @@ from flwr.serverapp.strategy import (
 from omegaconf import DictConfig
 
 from medseg_core.federation import ARRAYS, CONFIG, KEY_ARRAY_KEYS, METRICS, SITE, dumps
+from server.messaging import exchange
 from server.replies import site_name
 from server.strategies import Scaffold, to_numpy, to_record
 
@@ -300,7 +301,7 @@ class StageTap(Grid):
         name = STAGES[min(len(self.stages), len(STAGES) - 1)]
         if sent and RECORD_KEY_CONFIGS in sent[0].content.config_records:
             name = str(sent[0].content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, name))
-        replies = list(self._grid.send_and_receive(sent, timeout=timeout))
+        replies = exchange(self._grid, sent, timeout) if sent else []  # polls like our own rounds
         self.stages.append(StageLog(name, sent, replies))
         return replies
 

@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 
 from medseg_core.federation import ARRAYS, CONFIG, KEY_SITE_NAME, METRICS, NUM_EXAMPLES, SITE
 from server.inprocess import InProcessGrid
-from server.loop import poll_interval, send_messages
+from server.messaging import poll_interval, send_messages
 from server.replies import DUPLICATE, ERROR, INVALID, TIMEOUT, screen_replies
 from server.strategies import to_record
 
