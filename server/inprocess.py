@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -20,6 +19,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from server.messaging import exchange
 
 ClientCallable = Callable[[Message, Context], Message]
 #: the SuperLink's own node id (Flower's ``SUPERLINK_NODE_ID``)
@@ -130,13 +131,4 @@ class InProcessGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push, then pull until every reply is in or ``timeout`` seconds have passed."""
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            got = list(self.pull_messages(pending))
-            out += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(0.01)
-        return out
+        return exchange(self, list(messages), timeout)
