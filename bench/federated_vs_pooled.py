@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds, seed 0: a smoke run")
     parser.add_argument("--no-baselines", action="store_true", help="only the federated runs")
     parser.add_argument("--no-local", action="store_true", help="pooled baseline only (no local-only runs)")
+    parser.add_argument("--set", dest="extra", default="",
+                        help="more overrides for the federated runs, e.g. 'fl.keep_optimizer_state=false'")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                          patch_voxels=args.patch_voxels, rounds=args.rounds, epochs=args.local_epochs)
     if args.norm != "instance":
         setup += f" model.norm={args.norm}"
+    if args.extra:
+        setup += f" {args.extra}"
     t0 = time.perf_counter()
     runs = [run_federated(cache, strategy, seed, setup, work) for seed in args.seeds for strategy in args.strategies]
     result = compare(runs, work / "compare", baselines=not args.no_baselines, local=not args.no_local)

@@ -47,8 +47,9 @@ from medseg_core.workflow import to_container, validated_site
 
 #: in-memory cache budget of one process when the config has no ``data.process_cache_gb``
 DEFAULT_PROCESS_CACHE_GB = 4.0
-#: per-round control-variate files kept (SCAFFOLD needs only the last; one more covers a crash mid-round)
-KEEP_CONTROL_FILES = 2
+#: per-round state files kept (SCAFFOLD variates, optimiser state: a round needs only the last; one more
+#: covers a crash mid-round)
+KEEP_STATE_FILES = 2
 
 
 class SiteConfigError(ValueError):

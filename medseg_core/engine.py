@@ -71,6 +71,58 @@ def build_optimizer(optim_cfg: DictConfig | Mapping, params: Iterable[torch.nn.P
     return factory(params)
 
 
+def optimizer_state_arrays(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The optimiser's per-parameter state (Adam's moments, SGD's momentum buffer, step counts) as flat
+    arrays named ``<parameter name>/<field>``, to be kept in a file and restored by
+    :func:`load_optimizer_state` into a new optimiser over the same model.
+
+    Named by parameter rather than by the optimiser's positional index, so a restore fails loudly on a
+    different model instead of pairing moments with the wrong tensors. Hyper-parameters (learning rate,
+    betas) are not saved: they come from the config each time.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    arrays: dict[str, np.ndarray] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for field, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    arrays[f"{names[id(p)]}/{field}"] = value.detach().cpu().numpy().copy()
+                elif isinstance(value, (int, float)):
+                    arrays[f"{names[id(p)]}/{field}"] = np.asarray(value)
+    return arrays
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                         arrays: Mapping[str, np.ndarray], *, source: str = "optimiser state") -> None:
+    """Restore what :func:`optimizer_state_arrays` saved into ``optimizer`` (built over ``model``).
+
+    Raises:
+        ValueError: the arrays name a parameter the model lacks, or a shape differs (``source`` names
+            the file in the message); the optimiser is left untouched.
+    """
+    params = dict(model.named_parameters())
+    order = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    problems = []
+    for key, value in arrays.items():
+        name, _, field = key.rpartition("/")
+        p = params.get(name)
+        if p is None or id(p) not in order:
+            problems.append(f"{name!r} is not a parameter the optimiser updates")
+            continue
+        t = torch.as_tensor(np.asarray(value))
+        if t.ndim and t.shape != p.shape:
+            problems.append(f"{key} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+            continue
+        state.setdefault(order[id(p)], {})[field] = t
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise ValueError(f"{source} does not match the model: {shown}")
+    packed = optimizer.state_dict()
+    packed["state"] = state
+    optimizer.load_state_dict(packed)  # torch's own device/dtype rules (Adam's step stays a CPU scalar)
+
+
 def build_scheduler(sched_cfg: DictConfig | Mapping | None, optimizer: torch.optim.Optimizer):
     """Instantiate the ``sched`` config group on ``optimizer``; ``None`` or an empty option means constant LR."""
     if not sched_cfg or "_target_" not in sched_cfg:

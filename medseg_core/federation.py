@@ -325,37 +325,31 @@ def round_seed(seed: int, round_idx: int, site: str) -> int:
 # SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, control-variate option II)
 
 
-def scaffold_client_update(
-    c_i: Mapping[str, np.ndarray],
-    c: Mapping[str, np.ndarray],
-    x: Mapping[str, np.ndarray],
-    y: Mapping[str, np.ndarray],
-    num_steps: int,
-    lr: float,
+def scaffold_control_update(
+    c_i: Mapping[str, np.ndarray], mean_gradient: Mapping[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A site's new control variate after ``num_steps`` local steps of size ``lr``.
+    """A site's new control variate: the mean of its uncorrected local gradients over the round.
 
-    ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` (option II), over the keys of ``c``.
+    That is the quantity the paper's option II, ``c_i+ = c_i - c + (x - y_i) / (K * lr)``, recovers from
+    the displacement under plain SGD (``y_i = x - lr * sum_k (g_k + c - c_i)``); measuring the gradients
+    directly gives the same value there and stays right under momentum, AdamW, weight decay and clipping,
+    where the displacement no longer measures the gradient.
 
     Args:
-        c_i: the site's control variate before the round.
-        c: the server's control variate received this round.
-        x: the global weights received this round.
-        y: the site's weights after local training.
-        num_steps: K, the number of local optimiser steps taken.
-        lr: the local learning rate.
+        c_i: the site's control variate before the round (its keys are the ones updated).
+        mean_gradient: the mean over the round's K steps of the stochastic gradient (before correction).
 
     Returns:
         ``(c_i_plus, delta_c_i)`` with ``delta_c_i = c_i_plus - c_i`` (what is sent to the server).
 
     Raises:
-        ValueError: ``num_steps < 1`` or ``lr <= 0``.
+        ValueError: a key of ``c_i`` has no gradient, or a shape differs.
     """
-    if num_steps < 1 or not lr > 0:
-        raise ValueError(f"SCAFFOLD needs num_steps >= 1 and lr > 0, got {num_steps} and {lr}")
-    scale = 1.0 / (num_steps * lr)
-    c_plus = {k: (c_i[k] - c[k] + (x[k] - y[k]) * scale).astype(c[k].dtype) for k in c}
-    delta = {k: (c_plus[k] - c_i[k]).astype(c[k].dtype) for k in c}
+    problems = [k for k in c_i if k not in mean_gradient or np.shape(mean_gradient[k]) != np.shape(c_i[k])]
+    if problems:
+        raise ValueError(f"SCAFFOLD: no gradient of the control variate's shape for {problems[:3]}")
+    c_plus = {k: np.asarray(mean_gradient[k]).astype(np.asarray(c_i[k]).dtype) for k in c_i}
+    delta = {k: (c_plus[k] - c_i[k]).astype(c_plus[k].dtype) for k in c_i}
     return c_plus, delta
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from medseg_core.engine import build_optimizer, build_scheduler, evaluate, train_one_epoch
+from medseg_core.engine import (
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    load_optimizer_state,
+    optimizer_state_arrays,
+    train_one_epoch,
+)
 from medseg_core.losses import build_loss
 from medseg_core.models import build_model
 
@@ -120,3 +128,40 @@ def test_deep_supervision_models_train_with_the_wrapped_loss_and_a_plain_loss_sa
     assert stats["num_steps"] == 2 and torch.isfinite(torch.tensor(stats["loss"]))
     with pytest.raises(ValueError, match="deep supervision.*loss.deep_supervision"):
         train_one_epoch(model, data, build_loss("dice_ce"), opt, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01},
+        {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9, "nesterov": True},
+    ],
+)
+def test_optimiser_state_saved_as_arrays_continues_training_exactly(optim):
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4),
+                                   torch.nn.Conv2d(4, 2, 1))
+
+    batches = _toy_batches(n=5)
+    loss_fn = build_loss("dice_ce")
+    whole = net()
+    opt = build_optimizer(optim, whole.parameters())
+    train_one_epoch(whole, batches, loss_fn, opt, device=torch.device("cpu"))
+
+    split = net()
+    opt = build_optimizer(optim, split.parameters())
+    train_one_epoch(split, batches[:3], loss_fn, opt, device=torch.device("cpu"))
+    arrays = optimizer_state_arrays(opt, split)
+    assert arrays and all(isinstance(v, np.ndarray) for v in arrays.values())
+    resumed = build_optimizer(optim, split.parameters())  # a new optimiser, as at the next round
+    load_optimizer_state(resumed, split, arrays)
+    train_one_epoch(split, batches[3:], loss_fn, resumed, device=torch.device("cpu"))
+    for a, b in zip(whole.state_dict().values(), split.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    other = torch.nn.Conv2d(1, 3, 3)  # another model: refused, nothing restored
+    fresh = build_optimizer(optim, other.parameters())
+    with pytest.raises(ValueError, match=r"state\.pt does not match the model: .*0\.weight"):
+        load_optimizer_state(fresh, other, arrays, source="state.pt")
+    assert not fresh.state

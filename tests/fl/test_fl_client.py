@@ -16,6 +16,7 @@ from client.app import app as client_app
 from client.local import (
     CONTROL,
     LOCAL,
+    OPTIM,
     TrainInstructions,
     UpdateError,
     build_site_model,
@@ -147,27 +148,76 @@ def test_fedprox_term_keeps_the_site_close_to_the_global_model(setup, tmp_path):
         np.testing.assert_array_equal(free.arrays[k], again.arrays[k])
 
 
-def test_scaffold_site_update_and_state(setup, tmp_path):
+def _with(cfg, **dotted):
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in dotted.items():
+        OmegaConf.update(c, key.replace("__", "."), value)
+    return c
+
+
+def test_scaffold_control_variate_is_the_mean_gradient_which_is_option_ii_under_plain_sgd(setup, tmp_path):
     _cache, cfg, _root, _ref, data = setup
     plan = _plan_of(data.site)
     model = build_site_model(cfg, data, plan)
     glob = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     params = [n for n, _ in model.named_parameters()]
     control = {k: np.zeros_like(glob[k]) for k in params}
+    lr = 0.01
+    sgd = _with(cfg, optim={"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr}, train__grad_clip_norm=None)
     state = SiteState(tmp_path, "s")
-    out = train_round(cfg, data, plan, glob, TrainInstructions(1, lr=0.01, control=control), state)
+    out = train_round(sgd, data, plan, glob, TrainInstructions(1, lr=lr, control=control), state)
     steps = int(out.metrics["num-steps"])
     c_plus = state.load(CONTROL, 2)
     assert set(c_plus) == set(params) and set(out.delta_control) == set(params)
-    for k in params:  # c = c_i = 0: c_i+ = (x - y) / (K lr), and the site sends c_i+ - c_i
-        np.testing.assert_allclose(
-            c_plus[k], (glob[k] - out.arrays[k]) / (steps * 0.01), rtol=1e-4, atol=1e-6
-        )
+    moved = 0
+    for k in params:  # c = c_i = 0 and plain SGD: c_i+ = (x - y) / (K lr) (option II), sent as c_i+ - c_i
+        option_ii = (glob[k] - out.arrays[k]) / (steps * lr)
+        np.testing.assert_allclose(c_plus[k], option_ii, rtol=2e-3, atol=2e-5)
         np.testing.assert_allclose(out.delta_control[k], c_plus[k], rtol=1e-6)
+        moved += float(np.abs(option_ii).sum())
+    assert moved > 0
+
+    # AdamW moves every weight by about lr per step whatever its gradient: the displacement is no
+    # measure of the gradient there (option II blew SCAFFOLD up), the mean gradient still is
+    adam = _with(cfg, optim={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": lr})
+    state = SiteState(tmp_path, "a")
+    out = train_round(adam, data, plan, glob, TrainInstructions(1, lr=lr, control=control), state)
+    steps = int(out.metrics["num-steps"])
+    c_plus = state.load(CONTROL, 2)
+    displacement = np.concatenate([((glob[k] - out.arrays[k]) / (steps * lr)).ravel() for k in params])
+    mean_grad = np.concatenate([c_plus[k].ravel() for k in params])
+    assert np.isfinite(mean_grad).all() and np.abs(mean_grad).sum() > 0
+    assert np.linalg.norm(mean_grad) < 0.1 * np.linalg.norm(displacement)
     with pytest.raises(ValueError):
         TrainInstructions(0, lr=0.1)
     with pytest.raises(ValueError):
         TrainInstructions(1, lr=float("nan"))
+
+
+def test_a_site_carries_its_optimiser_state_between_rounds_when_asked(setup, tmp_path):
+    _cache, cfg, _root, _ref, data = setup
+    plan = _plan_of(data.site)
+    model = build_site_model(cfg, data, plan)
+    glob = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    kept = _with(cfg, fl__keep_optimizer_state=True)
+    state = SiteState(tmp_path, "k")
+    first = train_round(kept, data, plan, glob, TrainInstructions(1, lr=0.01), state)
+    k1 = int(first.metrics["num-steps"])
+    moments = state.load(OPTIM, 2)
+    weight = next(n for n, p in model.named_parameters() if p.ndim > 1)
+    assert float(moments[f"{weight}/step"]) == k1 and np.abs(moments[f"{weight}/exp_avg_sq"]).sum() > 0
+    second = train_round(kept, data, plan, first.arrays, TrainInstructions(2, lr=0.01), state)
+    k2 = int(second.metrics["num-steps"])
+    assert float(state.load(OPTIM, 3)[f"{weight}/step"]) == k1 + k2  # Adam's count went on from round 1
+    assert float(state.load(OPTIM, 2)[f"{weight}/step"]) == k1  # a resumed round 2 starts from round 1's
+    # the same round from a fresh optimiser is a different update
+    fresh = train_round(cfg, data, plan, first.arrays, TrainInstructions(2, lr=0.01), SiteState(tmp_path, "f"))
+    assert any(not np.array_equal(fresh.arrays[k], second.arrays[k]) for k in fresh.arrays)
+    assert not list((tmp_path / "f").glob("optim_*"))  # off by default: nothing written
+    # a state file of another model is refused, naming where it is
+    state.save(OPTIM, 3, {"no.such.layer/exp_avg": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"optimiser state in .*k.*no\.such\.layer"):
+        train_round(kept, data, plan, second.arrays, TrainInstructions(4, lr=0.01), state)
 
 
 def test_process_cache_keeps_every_site_that_fits_and_drops_the_oldest_beyond_the_budget(setup):

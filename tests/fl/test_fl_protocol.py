@@ -19,7 +19,7 @@ from medseg_core.federation import (
     protocol_hash,
     resume_identity,
     round_seed,
-    scaffold_client_update,
+    scaffold_control_update,
     scaffold_server_update,
     weighted_mean,
     wire_arrays,
@@ -95,13 +95,18 @@ def test_scaffold_updates_follow_the_paper():
     # x + eta_g * mean(y_i - x) ; c + |S|/N * mean(delta c_i)
     np.testing.assert_allclose(x_new["w"], [1.0, 1.875], rtol=1e-6)
     np.testing.assert_allclose(c_new["w"], [0.1 + 2 / 3 * -0.1, -0.1 + 2 / 3 * 0.3], rtol=1e-6)
-    # option II at a site: c_i+ = c_i - c + (x - y_i) / (K lr)
+    # a site: K = 4 plain SGD steps of size lr on the corrected gradient g_k + c - c_i ...
     c_i = {"w": np.array([0.05, 0.05], np.float32)}
-    c_plus, delta = scaffold_client_update(c_i, c, x, ys[0], num_steps=4, lr=0.25)
-    np.testing.assert_allclose(c_plus["w"], [0.05 - 0.1 + 0.5, 0.05 + 0.1 - 0.5], rtol=1e-6)
+    grads = [np.array(g, np.float32) for g in ([0.4, -1.0], [0.2, 0.6], [-0.3, 0.1], [1.1, 0.5])]
+    lr = 0.25
+    y = x["w"] - lr * sum(g + c["w"] - c_i["w"] for g in grads)
+    c_plus, delta = scaffold_control_update(c_i, {"w": np.mean(grads, axis=0)})
+    # ... c_i+ (the mean gradient) is option II's c_i - c + (x - y_i) / (K lr)
+    np.testing.assert_allclose(c_plus["w"], c_i["w"] - c["w"] + (x["w"] - y) / (4 * lr), rtol=1e-5)
+    np.testing.assert_allclose(c_plus["w"], [0.35, 0.05], rtol=1e-5)
     np.testing.assert_allclose(delta["w"], c_plus["w"] - c_i["w"], rtol=1e-6)
-    with pytest.raises(ValueError):
-        scaffold_client_update(c_i, c, x, ys[0], num_steps=0, lr=0.1)
+    with pytest.raises(ValueError, match="SCAFFOLD"):
+        scaffold_control_update(c_i, {"w": np.zeros(3, np.float32)})
     with pytest.raises(ValueError):
         scaffold_server_update(x, c, ys, dcs, num_nodes_total=1)
 
