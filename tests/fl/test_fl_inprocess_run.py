@@ -250,9 +250,12 @@ def test_batchnorm_models_federate_and_fedbn_keeps_their_statistics_at_the_sites
 
 def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(cache, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run_inprocess(run_config(cache, full, "strategy=scaffold fl.num_rounds=3"))
-    run_inprocess(run_config(cache, cut, "strategy=scaffold fl.num_rounds=2"))
-    history = run_inprocess(run_config(cache, cut, "strategy=scaffold fl.num_rounds=3 fl.resume=true"))
+    # SCAFFOLD's variates and each site's AdamW moments are site state a resumed round must find as
+    # they were after the last completed round
+    kept = "strategy=scaffold fl.keep_optimizer_state=true"
+    run_inprocess(run_config(cache, full, f"{kept} fl.num_rounds=3"))
+    run_inprocess(run_config(cache, cut, f"{kept} fl.num_rounds=2"))
+    history = run_inprocess(run_config(cache, cut, f"{kept} fl.num_rounds=3 fl.resume=true"))
     assert [e["round"] for e in history["rounds"]] == [1, 2, 3] and history["resumed_at_round"] == [3]
     a, b = _final_arrays(full, 3), _final_arrays(cut, 3)
     assert a.keys() == b.keys()
@@ -261,10 +264,10 @@ def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(c
     # a different configuration cannot resume the run; an existing run is not overwritten
     with pytest.raises(FederationStopped, match="cannot resume"):
         run_inprocess(
-            run_config(cache, cut, "strategy=scaffold fl.num_rounds=4 fl.resume=true fl.local_epochs=3")
+            run_config(cache, cut, f"{kept} fl.num_rounds=4 fl.resume=true fl.local_epochs=3")
         )
     with pytest.raises(FederationStopped, match="already holds a run"):
-        run_inprocess(run_config(cache, cut, "strategy=scaffold"))
+        run_inprocess(run_config(cache, cut, kept))
     kept = json.loads(RunFiles(cut).history.read_text())  # the refused attempts did not touch the run
     assert kept["status"] == "completed" and len(kept["rounds"]) == 3
     with pytest.raises(FederationStopped, match="holds no round checkpoint"):
