@@ -322,7 +322,7 @@ def round_seed(seed: int, round_idx: int, site: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1, control-variate option II)
+# SCAFFOLD (Karimireddy et al., ICML 2020, Algorithm 1; the site's variate is what option II estimates)
 
 
 def scaffold_control_update(

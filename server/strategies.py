@@ -140,8 +140,9 @@ class Scaffold(FedAvg):
     """SCAFFOLD: stochastic controlled averaging with server and site control variates.
 
     The server keeps ``c`` (one array per trainable parameter, zeros at start) and sends it with the
-    global model; each sampled site trains with the corrected gradient ``g + c - c_i``, updates its own
-    ``c_i`` (to its mean local gradient, what option II estimates) and returns its weights and ``c_i+ - c_i``. The server then applies
+    global model; each sampled site trains with the corrected gradient ``g + c - c_i``, sets its own
+    ``c_i`` to its mean local gradient (what option II estimates) and returns its weights and
+    ``c_i+ - c_i``. The server then applies
     ``x += eta_g * mean(y_i - x)`` and ``c += |S|/N * mean(delta c_i)``
     (:func:`medseg_core.federation.scaffold_server_update`). ``N`` is the number of connected sites
     when the round is configured.
