@@ -214,8 +214,9 @@ def pretrain_train(msg: Message, context: Context) -> Message:
         lr=float(config[KEY_LR]),
         local_epochs=int(config.get(KEY_LOCAL_EPOCHS, cfg.fl.local_epochs)),
     )
+    state = SiteState(ref.state_root, str(config[KEY_RUN_NAME]))
     arrays, metrics = pretrain_round(
-        cfg, pretrain_data(ref, cfg, plan), plan, to_numpy(msg.content.array_records[ARRAYS]), instructions
+        cfg, pretrain_data(ref, cfg, plan), plan, to_numpy(msg.content.array_records[ARRAYS]), instructions, state
     )
     return _reply(msg, ref, metrics, **{ARRAYS: to_record(arrays)})
 

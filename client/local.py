@@ -175,6 +175,32 @@ def _proximal(global_params: dict[str, torch.Tensor], mu: float):
     return extra_loss
 
 
+def round_optimizer(
+    cfg: DictConfig, model: torch.nn.Module, state: SiteState, instructions: TrainInstructions
+) -> torch.optim.Optimizer:
+    """The round's optimiser over ``model`` at the round's learning rate, with the state the site kept
+    after its last round when ``fl.keep_optimizer_state`` (a fresh one otherwise, or at its first round).
+
+    Raises:
+        ValueError: the kept state does not fit the model (the message names the state folder).
+    """
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    if cfg.fl.get("keep_optimizer_state", False):
+        saved = state.load(OPTIM, instructions.server_round)
+        if saved is not None:
+            load_optimizer_state(optimizer, model, saved, source=f"the site's optimiser state in {state.dir}")
+    for group in optimizer.param_groups:
+        group["lr"] = float(instructions.lr)
+    return optimizer
+
+
+def keep_optimizer(cfg: DictConfig, optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: SiteState,
+                   round_idx: int) -> None:
+    """Write the optimiser's state after the round (``fl.keep_optimizer_state``) for the next round."""
+    if cfg.fl.get("keep_optimizer_state", False):
+        state.save(OPTIM, round_idx, optimizer_state_arrays(optimizer, model), keep=KEEP_STATE_FILES)
+
+
 class _Scaffold:
     """SCAFFOLD at the site: each gradient is corrected to ``g + c - c_i`` (called after backward, before
     clipping), and the uncorrected gradients are averaged over the round's steps for ``c_i+``.
@@ -257,12 +283,7 @@ def train_round(
     torch.manual_seed(seed)
     data.reseed(seed)
     loss_fn = hydra.utils.instantiate(cfg.loss)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
-    keep_optim = bool(cfg.fl.get("keep_optimizer_state", False))
-    if keep_optim and (saved := state.load(OPTIM, r)) is not None:
-        load_optimizer_state(optimizer, model, saved, source=f"the site's optimiser state in {state.dir}")
-    for group in optimizer.param_groups:
-        group["lr"] = float(instructions.lr)
+    optimizer = round_optimizer(cfg, model, state, instructions)
 
     extra_loss = None
     if instructions.proximal_mu > 0:
@@ -324,8 +345,7 @@ def train_round(
     trained = state_to_numpy(model.state_dict())
     if keep:
         state.save(LOCAL, r, {k: trained[k] for k in keep})
-    if keep_optim:
-        state.save(OPTIM, r, optimizer_state_arrays(optimizer, model), keep=KEEP_STATE_FILES)
+    keep_optimizer(cfg, optimizer, model, state, r)
     delta = None
     if instructions.control is not None:
         assert c_i is not None and isinstance(grad_hook, _Scaffold)

@@ -34,12 +34,12 @@ import torch
 from monai.data import DataLoader
 from omegaconf import DictConfig
 
-from client.local import TrainInstructions, UpdateError
-from client.site import SiteRef, cached_bytes, load_validated_site, trim_cache
+from client.local import TrainInstructions, UpdateError, keep_optimizer, round_optimizer
+from client.site import SiteRef, SiteState, cached_bytes, load_validated_site, trim_cache
 from medseg_core.data.dataset import Case, SiteDataset
 from medseg_core.data.fingerprint import compute_site_fingerprint
 from medseg_core.data.loaders import LoaderSettings, build_unlabelled_loader, plan_hash
-from medseg_core.engine import build_optimizer, prepare_model
+from medseg_core.engine import prepare_model
 from medseg_core.federation import (
     EVAL_LOSS,
     EVAL_SECONDS,
@@ -199,6 +199,7 @@ def pretrain_round(
     plan: Mapping[str, Any],
     received: Mapping[str, np.ndarray],
     instructions: TrainInstructions,
+    state: SiteState,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Masked-reconstruction training on the site's images for one round.
 
@@ -209,6 +210,7 @@ def pretrain_round(
         received: the global reconstruction model (every key).
         instructions: round, learning rate and local epochs (FedProx / SCAFFOLD terms are refused by the
             server for pretraining and must be absent).
+        state: the site's state files for this run (its optimiser state, ``fl.keep_optimizer_state``).
 
     Returns:
         ``(weights, metrics)``: every weight of the reconstruction model; ``num-examples`` = training
@@ -223,9 +225,7 @@ def pretrain_round(
     device = resolve_device(cfg.device)
     amp = amp_enabled(cfg.train.amp, device)
     model = prepare_model(global_model(cfg, plan, received), device)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
-    for group in optimizer.param_groups:
-        group["lr"] = float(instructions.lr)
+    optimizer = round_optimizer(cfg, model, state, instructions)
     r, name = instructions.server_round, data.site.name
     base_seed = round_seed(
         int(cfg.seed), r, name
@@ -248,6 +248,7 @@ def pretrain_round(
         losses.append(stats["loss"])
         steps += int(stats["num_steps"])
         seconds += float(stats["seconds"])
+    keep_optimizer(cfg, optimizer, model, state, r)
     metrics = {
         NUM_EXAMPLES: data.num_train_images,
         TRAIN_LOSS: float(np.mean(losses)),

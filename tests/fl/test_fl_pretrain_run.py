@@ -269,6 +269,9 @@ def test_resume_continues_from_the_last_round_and_matches_an_uninterrupted_run(c
     _run(_pretrain_rc(cache, fed, cut, "fl.num_rounds=1"))
     history = _run(_pretrain_rc(cache, fed, cut, "fl.resume=true"))
     assert [e["round"] for e in history["rounds"]] == [1, 2] and history["resumed_at_round"] == [2]
+    # each site's optimiser state is site state too: kept per round, found by the resumed round
+    kept = sorted(p.name for p in (cache / "site-state" / "site_00" / history["run_name"]).glob("optim_*.pt"))
+    assert kept == ["optim_0001.pt", "optim_0002.pt"]
     a = read_encoder_checkpoint(full / ENCODER_FILE)["state_dict"]
     b = read_encoder_checkpoint(cut / ENCODER_FILE)["state_dict"]
     assert a.keys() == b.keys()
