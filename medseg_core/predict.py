@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None,
                    help="folder of ground-truth CASE.nii.gz label maps: report Dice/HD95/NSD on the original grid")
     p.add_argument("--modality", nargs="+", default=None,
-                   help="modality of each input channel (e.g. CT or MR) when the checkpoint's is ambiguous")
+                   help="modality of each input channel, in the files' order (e.g. T2 T1); the model's channels "
+                        "are matched by name. Default: the training sites' order, when the checkpoint records one")
     p.add_argument("--device", default="auto")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--debug", action="store_true", help="print tracebacks of failed cases")

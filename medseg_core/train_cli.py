@@ -29,7 +29,7 @@ from medseg_core.data.fingerprint import plan_federation, save_json
 from medseg_core.data.loaders import LoaderSettings, build_site_loaders
 from medseg_core.data.problems import DatasetError
 from medseg_core.data.source import ensure_data_root
-from medseg_core.data.transforms import build_transforms
+from medseg_core.data.transforms import build_transforms, input_channel_names
 from medseg_core.engine import (
     build_optimizer,
     build_scheduler,
@@ -100,7 +100,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     train_loader = pooled_loader([ld.train for ld in site_loaders.values()], batch_size=settings.batch_size,
                                  seed=int(cfg.seed))
     labels = dict(sites[0].labels)
-    channel_names = sites[0].channel_names if all(s.channel_names == sites[0].channel_names for s in sites) else {}
+    channel_names = input_channel_names(plan, sites)
+    for note in plan.get("notes", []):
+        print(f"medseg-train: {note}")
 
     kwargs = model_config(cfg.model, in_channels=sites[0].num_channels, out_channels=sites[0].num_classes,
                           plan=plan)

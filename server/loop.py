@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medseg_core.checkpoint import load_checkpoint, write_json, write_text
 from medseg_core.data.fingerprint import (
+    channel_order_notes,
     check_fingerprint,
     fingerprint_problems,
     make_plan,
@@ -414,6 +415,10 @@ class FederatedRun:
         self.plan, merged = plan_from_fingerprints(fps, self.cfg)
         self.history["sites"] = sorted(fps)
         self.history["channel_names"] = {int(ch): sorted(mods)[0] for ch, mods in merged["channels"].items()}
+        for note in self.plan.get("notes", []):
+            self.say(f"round 0: {note}")
+            if note not in self.history["notes"]:
+                self.history["notes"].append(note)
         save_json(fps, self.files.fingerprints)
         save_json(self.plan, self.files.plan)
         self.say(
@@ -621,6 +626,9 @@ class FederatedRun:
 def plan_from_fingerprints(fps: Mapping[str, dict[str, Any]], cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge the sites' fingerprints and plan (``data.planning`` limits); problems go to ``plan["warnings"]``.
 
+    Sites whose channels the model takes in another order (matched by name) are listed in
+    ``plan["notes"]``.
+
     Returns:
         ``(plan, merged_fingerprint)``.
     """
@@ -629,6 +637,9 @@ def plan_from_fingerprints(fps: Mapping[str, dict[str, Any]], cfg: DictConfig) -
     warnings = [str(p) for fp in fps.values() for p in fingerprint_problems(fp)]
     if warnings:
         plan["warnings"] = warnings
+    notes = channel_order_notes(fps)
+    if notes:
+        plan["notes"] = notes
     return plan, merged
 
 
@@ -646,6 +657,7 @@ def compatible_fingerprints(fps: Mapping[str, dict[str, Any]]) -> tuple[dict[str
             {
                 "labels": fp.get("labels"),
                 "channels": sorted(fp.get("channels", {})),
+                "channel_order": fp.get("channel_order"),
                 "spatial_dims": fp.get("spatial_dims"),
                 "histogram": fp.get("histogram"),
             }

@@ -39,6 +39,17 @@ z-scored per image over its non-zero voxels at transform time, so no shared stat
 federation whose channel 0 is CT at one site and MR at another therefore gets a plan with both entries
 for channel 0, and each site applies the one matching its own declaration. Merging fingerprints with
 different label sets or channel counts is refused.
+
+**Channel order: matched by name.** Hospitals list the same sequences in different orders (one site's
+``dataset.json`` says ``{"0": "T1", "1": "T2"}``, another's ``{"0": "T2", "1": "T1"}``). Taken by index,
+the model would read T2 where it learnt T1 at one site: nothing fails, the federation just learns a
+worse model. So the model's input channels are the declared channels sorted by modality name (stable for
+repeats such as two CT phases, :func:`model_channel_order`): both sites above feed T1 then T2. A site's
+fingerprint is recorded in that order, plans say so (``"channel_order": "by-name"``), and
+:func:`medseg_core.data.transforms.build_transforms` reorders every image on loading. When a site's
+declared order is already sorted nothing moves. Plans written before this rule (no ``channel_order``)
+keep the declared order, so older checkpoints predict as before. Channels whose names differ between
+sites (CT at one, MR at another) stay matched by position, as before.
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ DEFAULT_MAX_PATCH_PIXELS_2D = 512**2
 DEFAULT_NUM_POOL = 4
 DEFAULT_ANISOTROPY_THRESHOLD = 3.0
 AXES = "RAS"
+#: plans and fingerprints whose channels are in :func:`model_channel_order` (see the module docstring)
+CHANNEL_ORDER_BY_NAME = "by-name"
 #: a CT image whose minimum is above this holds no air: probably not in HU (rescale intercept missing)
 CT_AIR_MAX_HU = -500.0
 
@@ -176,6 +189,16 @@ def canonical_modality(modality: str) -> str:
     return "CT" if name.upper() == "CT" else name
 
 
+def model_channel_order(modalities: Sequence[str]) -> list[int]:
+    """Which declared channel feeds each model input channel: the declared channels sorted by name.
+
+    Sorting is by :func:`canonical_modality` (case-insensitive) and stable, so repeated names (two CT
+    phases) keep their declared order. ``["T2", "T1"]`` gives ``[1, 0]``; a sorted list gives the identity.
+    """
+    names = [canonical_modality(m).casefold() for m in modalities]
+    return sorted(range(len(names)), key=lambda c: (names[c], c))
+
+
 def ras_permutation(affine: np.ndarray) -> list[int]:
     """For each voxel axis, the RAS axis it maps to most closely (from the affine's direction)."""
     ornt = nib.orientations.io_orientation(np.asarray(affine))
@@ -260,6 +283,8 @@ def compute_site_fingerprint(site: SiteDataset, *, progress: bool = False) -> di
             {"version", "kind": "fingerprint", "sites": [name], "num_cases", "spatial_dims",
              "labels", "histogram": {"transform", "bin_width"},
              "cases": [{"spacing_mm": [x, y, z], "shape": [X, Y, Z]}, ...],   # RAS order, sorted
+             "channel_order": "by-name",   # "channels" below are in model_channel_order
+             "declared_channels": ["T2", "T1"],   # the site's own order (names only)
              "channels": {"0": {"CT": {"num_cases", "foreground": {count, sum, sum_sq, min, max,
                                                                    histogram},
                                        "nonzero_fraction": {count, sum, min, max},
@@ -341,14 +366,14 @@ def compute_site_fingerprint(site: SiteDataset, *, progress: bool = False) -> di
             s["image_max"] = _opt(max, s["image_max"], float(data.max()))
 
     channel_entries: dict[str, dict[str, Any]] = {}
-    for c in range(num_channels):
+    for position, c in enumerate(model_channel_order(modalities)):  # the model's channel order
         s = stats[c]
         s["foreground"]["sum"] = math.fsum(fg_sums[c])
         s["foreground"]["sum_sq"] = math.fsum(fg_sqs[c])
         s["foreground"]["histogram"] = _hist_to_json(hists[c])
         s["nonzero_fraction"] = {"count": len(nz_fracs[c]), "sum": math.fsum(nz_fracs[c]),
                                  "min": min(nz_fracs[c]), "max": max(nz_fracs[c])}
-        channel_entries[str(c)] = {modalities[c]: s}
+        channel_entries[str(position)] = {modalities[c]: s}
 
     return {
         "version": FINGERPRINT_VERSION,
@@ -357,6 +382,8 @@ def compute_site_fingerprint(site: SiteDataset, *, progress: bool = False) -> di
         "num_cases": len(cases),
         "spatial_dims": int(spatial_dims or 3),
         "axes": AXES,
+        "channel_order": CHANNEL_ORDER_BY_NAME,
+        "declared_channels": modalities,  # names only, in the site's file order (for the plan's notes)
         "labels": {name: int(v) for name, v in sorted(site.labels.items(), key=lambda kv: kv[1])},
         "histogram": {"transform": HIST_TRANSFORM, "bin_width": HIST_BIN_WIDTH},
         "cases": sorted(case_geoms, key=_geom_key),
@@ -465,6 +492,11 @@ def merge_fingerprints(fps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         check_fingerprint(fp, where=f"#{i} ({', '.join(fp.get('sites', []))})" if isinstance(fp, Mapping) else i)
     first = fps[0]
     for fp in fps[1:]:
+        if fp.get("channel_order") != first.get("channel_order"):
+            raise ValueError(f"cannot merge fingerprints of sites {first['sites']} and {fp['sites']}: one has its "
+                             f"channels in declared order, the other by name (channel_order "
+                             f"{first.get('channel_order')!r} vs {fp.get('channel_order')!r}); fingerprint "
+                             f"every site with the same version")
         for key in ("labels", "spatial_dims", "histogram"):
             if fp[key] != first[key]:
                 raise ValueError(f"cannot merge fingerprints of sites {first['sites']} and {fp['sites']}: "
@@ -487,6 +519,7 @@ def merge_fingerprints(fps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     sites = sorted(s for fp in fps for s in fp["sites"])
     if len(set(sites)) != len(sites):
         raise ValueError(f"a site appears in more than one fingerprint: {sites}")
+    order = {"channel_order": first["channel_order"]} if first.get("channel_order") else {}
     return {
         "version": FINGERPRINT_VERSION,
         "kind": FINGERPRINT_KIND,
@@ -494,6 +527,7 @@ def merge_fingerprints(fps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "num_cases": sum(int(fp["num_cases"]) for fp in fps),
         "spatial_dims": first["spatial_dims"],
         "axes": AXES,
+        **order,
         "labels": dict(first["labels"]),
         "histogram": dict(first["histogram"]),
         "cases": sorted(({"spacing_mm": [float(s) for s in g["spacing_mm"]], "shape": [int(s) for s in g["shape"]]}
@@ -576,7 +610,7 @@ def make_plan(merged: Mapping[str, Any], *, max_patch_voxels: int = DEFAULT_MAX_
         A JSON-serialisable plan::
 
             {"version", "kind": "plan", "sites", "num_cases", "spatial_dims", "axes": "RAS",
-             "labels", "num_classes", "num_channels",
+             "labels", "num_classes", "num_channels", "channel_order": "by-name",
              "target_spacing_mm", "anisotropic_axis", "median_shape", "patch_size", "patch_size_2d",
              "divisor", "max_patch_voxels", "max_patch_pixels_2d",
              "normalization": {"0": {"CT": {"scheme": "ct", "clip": [lo, hi], "mean", "std",
@@ -649,6 +683,7 @@ def make_plan(merged: Mapping[str, Any], *, max_patch_voxels: int = DEFAULT_MAX_
         "labels": labels,
         "num_classes": max(labels.values()) + 1,
         "num_channels": len(merged["channels"]),
+        **({"channel_order": merged["channel_order"]} if merged.get("channel_order") else {}),
         "target_spacing_mm": target,
         "anisotropic_axis": aniso_axis,
         "median_shape": median_shape,
@@ -662,6 +697,24 @@ def make_plan(merged: Mapping[str, Any], *, max_patch_voxels: int = DEFAULT_MAX_
     }
 
 
+def channel_order_notes(fps: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per site whose channels the model takes in another order than the site lists them.
+
+    Args:
+        fps: site name -> that site's fingerprint (merged fingerprints hold no declared order).
+    """
+    notes = []
+    for site, fp in sorted(fps.items()):
+        declared = fp.get("declared_channels")
+        if not declared or fp.get("channel_order") != CHANNEL_ORDER_BY_NAME:
+            continue
+        order = model_channel_order(declared)
+        if order != sorted(order):
+            notes.append(f"{site} lists its channels as {', '.join(declared)}; they are matched to the model's "
+                         f"channels by name: {', '.join(declared[c] for c in order)}")
+    return notes
+
+
 def plan_federation(sites: Sequence[SiteDataset], **plan_kwargs: Any) -> tuple[list[dict], dict, dict]:
     """Fingerprint every site, merge and plan, in one process (simulation, tests, ``medseg-data``).
 
@@ -671,7 +724,8 @@ def plan_federation(sites: Sequence[SiteDataset], **plan_kwargs: Any) -> tuple[l
     Returns:
         ``(site_fingerprints, merged_fingerprint, plan)``.
 
-    Problems found by :func:`fingerprint_problems` are listed in ``plan["warnings"]``.
+    Problems found by :func:`fingerprint_problems` are listed in ``plan["warnings"]``, sites whose
+    channels are reordered (:func:`channel_order_notes`) in ``plan["notes"]``.
     """
     fps = [compute_site_fingerprint(s) for s in sites]
     merged = merge_fingerprints(fps)
@@ -679,6 +733,9 @@ def plan_federation(sites: Sequence[SiteDataset], **plan_kwargs: Any) -> tuple[l
     found = [str(p) for fp in fps for p in fingerprint_problems(fp)]
     if found:
         plan["warnings"] = found
+    notes = channel_order_notes({s.name: fp for s, fp in zip(sites, fps, strict=True)})
+    if notes:
+        plan["notes"] = notes
     return fps, merged, plan
 
 
@@ -790,6 +847,10 @@ def check_plan(plan: Mapping[str, Any], where: str | Path | None = None) -> None
     labels = plan["labels"]
     if not isinstance(labels, Mapping) or not labels or 0 not in labels.values():
         raise PlanError(f"{name}: 'labels' must map class names to integers, with background 0; got {labels!r}")
+    order = plan.get("channel_order")
+    if order is not None and order != CHANNEL_ORDER_BY_NAME:
+        raise PlanError(f"{name}: 'channel_order' must be {CHANNEL_ORDER_BY_NAME!r} (or absent: declared "
+                        f"order, plans written before channels were matched by name), got {order!r}")
     norm = plan["normalization"]
     n_ch = plan["num_channels"]
     if not isinstance(norm, Mapping) or sorted(norm, key=str) != sorted(str(c) for c in range(n_ch)):

@@ -2,7 +2,8 @@
 
 Every pipeline starts with the same deterministic part (what :class:`monai.data.CacheDataset` caches)::
 
-    LoadImaged (channels stacked, channel first) -> Orientationd("RAS") -> NormalizeByPland
+    LoadImaged (channels stacked, channel first) [-> ReorderChannelsd: the model's order, by name]
+      -> Orientationd("RAS") -> NormalizeByPland
       -> Spacingd(plan target spacing; bilinear image, nearest label) -> label as uint8
       -> SpatialPadd(plan patch size) [training: -> SampleCropCentresd]
 
@@ -52,10 +53,12 @@ from monai.transforms import (
 )
 
 from medseg_core.data.fingerprint import (
+    CHANNEL_ORDER_BY_NAME,
     SCHEME_CT,
     SCHEME_NONZERO,
     canonical_modality,
     check_plan,
+    model_channel_order,
     scheme_for_modality,
 )
 
@@ -118,28 +121,8 @@ def augmentation_settings(cfg: Mapping[str, Any] | None = None) -> dict[str, dic
     return out
 
 
-def channel_normalization(plan: Mapping[str, Any],
-                          modalities: Mapping[int, str] | Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The normalisation settings to apply to each channel at one site.
-
-    The scheme follows the site's *declared* modality of each channel (see
-    :mod:`medseg_core.data.fingerprint`): CT uses the plan's federation-wide clip range and foreground
-    mean / std; any other modality is z-scored per image over its non-zero voxels, which needs no plan
-    statistics (so a modality the plan has not seen is fine unless it is CT).
-
-    Args:
-        plan: the plan.
-        modalities: the site's ``channel_names`` (``{0: "CT"}``) or a list per channel; ``None`` takes
-            the plan's modality when each channel has exactly one.
-
-    Returns:
-        One dict per channel: ``{"scheme": "ct", "clip": [lo, hi], "mean", "std"}`` or
-        ``{"scheme": "nonzero"}``.
-
-    Raises:
-        ValueError: wrong number of channels, ``modalities=None`` with a channel that has several
-            modalities in the plan, or a CT channel the plan has no CT statistics for.
-    """
+def _modality_names(plan: Mapping[str, Any], modalities: Mapping[int, str] | Sequence[str] | None) -> list[str]:
+    """One modality name per channel, from a ``channel_names`` mapping, a list, or (``None``) the plan."""
     norm = plan["normalization"]
     n = int(plan["num_channels"])
     if modalities is None:
@@ -156,6 +139,89 @@ def channel_normalization(plan: Mapping[str, Any],
         names = [str(m) for m in modalities]
     if len(names) != n or "" in names:
         raise ValueError(f"the plan has {n} channel(s), got modalities {modalities!r}")
+    return names
+
+
+def input_channel_order(plan: Mapping[str, Any],
+                        modalities: Mapping[int, str] | Sequence[str] | None = None) -> tuple[list[int], list[str]]:
+    """How one site's declared channels map onto the model's: ``(order, names in the model's order)``.
+
+    ``order[i]`` is the declared channel that feeds model channel ``i``. With a plan whose
+    ``channel_order`` is ``"by-name"`` this is :func:`medseg_core.data.fingerprint.model_channel_order`
+    (``["T2", "T1"]`` -> ``[1, 0]``); with an older plan, or ``modalities=None`` (the plan's own names,
+    already in the model's order), it is the identity.
+    """
+    names = _modality_names(plan, modalities)
+    if modalities is None or plan.get("channel_order") != CHANNEL_ORDER_BY_NAME:
+        return list(range(len(names))), names
+    order = model_channel_order(names)
+    return order, [names[c] for c in order]
+
+
+def input_channel_names(plan: Mapping[str, Any], sites: Sequence[Any]) -> dict[int, str]:
+    """The input channels a checkpoint trained on ``sites`` expects, for ``medseg-predict``'s default.
+
+    The sites' own order when they all list the same names in the same order (a single site always);
+    else the model's order when the names match by name; else ``{}`` (mixed modalities: predict needs
+    ``--modality``).
+    """
+    declared = [[s.channel_names[c] for c in sorted(s.channel_names)] for s in sites]
+    if all(d == declared[0] for d in declared):
+        return dict(enumerate(declared[0]))
+    model_names = [input_channel_order(plan, d)[1] for d in declared]
+    if plan.get("channel_order") == CHANNEL_ORDER_BY_NAME and all(
+            [canonical_modality(n) for n in m] == [canonical_modality(n) for n in model_names[0]] for m in model_names):
+        return dict(enumerate(model_names[0]))
+    return {}
+
+
+class ReorderChannelsd(MapTransform):
+    """Put a loaded image's channels in the model's order (``order[i]`` feeds channel ``i``).
+
+    Not invertible on purpose: it changes no voxel grid, so ``Invertd`` (which maps predictions back to
+    the input's grid) has nothing to undo; MONAI's meta-data and applied operations are kept.
+    """
+
+    def __init__(self, keys: Any, order: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.order = [int(c) for c in order]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != len(self.order):
+                raise ValueError(f"expected {len(self.order)} channel(s) to reorder, got {img.shape[0]} "
+                                 f"({getattr(img, 'meta', {}).get('filename_or_obj', key)})")
+            d[key] = torch.index_select(img, 0, torch.as_tensor(self.order, device=img.device))
+        return d
+
+
+def channel_normalization(plan: Mapping[str, Any],
+                          modalities: Mapping[int, str] | Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The normalisation settings to apply to each channel at one site.
+
+    The scheme follows the site's *declared* modality of each channel (see
+    :mod:`medseg_core.data.fingerprint`): CT uses the plan's federation-wide clip range and foreground
+    mean / std; any other modality is z-scored per image over its non-zero voxels, which needs no plan
+    statistics (so a modality the plan has not seen is fine unless it is CT).
+
+    Args:
+        plan: the plan.
+        modalities: one name per *model* channel (``{0: "CT"}`` or a list; see
+            :func:`input_channel_order` for a site's declared order); ``None`` takes the plan's modality
+            when each channel has exactly one.
+
+    Returns:
+        One dict per channel: ``{"scheme": "ct", "clip": [lo, hi], "mean", "std"}`` or
+        ``{"scheme": "nonzero"}``.
+
+    Raises:
+        ValueError: wrong number of channels, ``modalities=None`` with a channel that has several
+            modalities in the plan, or a CT channel the plan has no CT statistics for.
+    """
+    norm = plan["normalization"]
+    names = _modality_names(plan, modalities)
     out = []
     for c, name in enumerate(names):
         entries = norm[str(c)]
@@ -308,10 +374,13 @@ def deterministic_transforms(plan: Mapping[str, Any], *, with_label: bool = True
     """
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     pad_size = list(plan["patch_size"]) if spatial_dims == 3 else [*plan["patch_size_2d"], -1]
-    steps: list = [
-        LoadImaged(keys=keys, reader="NibabelReader", ensure_channel_first=True, image_only=True),
+    order, names = input_channel_order(plan, modalities)
+    steps: list = [LoadImaged(keys=keys, reader="NibabelReader", ensure_channel_first=True, image_only=True)]
+    if order != sorted(order):
+        steps.append(ReorderChannelsd(keys=IMAGE, order=order))
+    steps += [
         Orientationd(keys=keys, axcodes="RAS", labels=None),  # labels=None: follow the reader's space (RAS)
-        NormalizeByPland(keys=IMAGE, channels=channel_normalization(plan, modalities)),
+        NormalizeByPland(keys=IMAGE, channels=channel_normalization(plan, names)),
         Spacingd(keys=keys, pixdim=list(plan["target_spacing_mm"]),
                  mode=["bilinear", "nearest"] if with_label else "bilinear"),
     ]
@@ -379,7 +448,8 @@ def build_transforms(plan: Mapping[str, Any], *, train: bool, cfg: Mapping[str, 
             ``plan["patch_size_2d"]``; validation still yields whole volumes (infer slice-wise).
         with_label: ``False`` for unlabelled cases (pretraining): ``keys=["image"]`` only, random
             spatial crops instead of label-balanced ones.
-        modalities: the site's ``channel_names``; see :func:`channel_normalization`.
+        modalities: the site's ``channel_names`` in its declared order (the files' order); with a
+            ``"by-name"`` plan the channels are reordered to the model's (:func:`input_channel_order`).
 
     Returns:
         A ``Compose`` over dicts ``{"image": [paths], "label": path, ...}`` (``Case.as_dict()``). Training
