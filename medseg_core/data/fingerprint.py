@@ -698,7 +698,11 @@ def make_plan(merged: Mapping[str, Any], *, max_patch_voxels: int = DEFAULT_MAX_
 
 
 def channel_order_notes(fps: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """One line per site whose channels the model takes in another order than the site lists them.
+    """What a federation's channels mean, in words, for ``plan.json`` and the run's report.
+
+    One line per site whose channels the model takes in another order than the site lists them, and
+    one per model channel that carries different modalities at different sites (CT at one, MR at
+    another: allowed, each normalised by its own scheme, but the model learns them as one input).
 
     Args:
         fps: site name -> that site's fingerprint (merged fingerprints hold no declared order).
@@ -712,6 +716,13 @@ def channel_order_notes(fps: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if order != sorted(order):
             notes.append(f"{site} lists its channels as {', '.join(declared)}; they are matched to the model's "
                          f"channels by name: {', '.join(declared[c] for c in order)}")
+    if len(fps) > 1:
+        channels = sorted({ch for fp in fps.values() for ch in fp.get("channels", {})}, key=int)
+        for ch in channels:
+            at = {site: ", ".join(fp["channels"].get(ch, {})) for site, fp in sorted(fps.items())}
+            if len(set(at.values())) > 1:
+                notes.append(f"model channel {ch} is " + ", ".join(f"{m} at {site}" for site, m in at.items())
+                             + ": one input for different modalities (each normalised by its own scheme)")
     return notes
 
 

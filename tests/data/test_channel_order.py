@@ -149,3 +149,12 @@ def test_the_federated_plan_lists_reordered_sites(two_orders):
     assert plan["channel_order"] == "by-name" and list(merged["channels"]["0"]) == ["T1"]
     assert plan["notes"] == [f"{a.name} lists its channels as T2, T1; they are matched to the model's channels "
                              f"by name: T1, T2"]
+
+
+def test_a_channel_with_different_modalities_at_different_sites_is_noted(synth_fed):
+    from medseg_core.data.dataset import load_federation
+
+    sites = load_federation(synth_fed)  # site_00 CT, site_01 MR (T1)
+    _fps, _merged, plan = plan_federation(sites)
+    assert plan["notes"] == ["model channel 0 is CT at site_00, T1 at site_01: one input for different "
+                             "modalities (each normalised by its own scheme)"]
