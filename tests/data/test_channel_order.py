@@ -158,3 +158,30 @@ def test_a_channel_with_different_modalities_at_different_sites_is_noted(synth_f
     _fps, _merged, plan = plan_federation(sites)
     assert plan["notes"] == ["model channel 0 is CT at site_00, T1 at site_01: one input for different "
                              "modalities (each normalised by its own scheme)"]
+
+
+def test_predict_matches_input_channels_to_the_model_by_name(two_orders, tmp_path):
+    from medseg_core.checkpoint import save_checkpoint
+    from medseg_core.models import build_model
+    from medseg_core.predict import Predictor
+
+    a, b = two_orders
+    _fps, _merged, plan = plan_federation([a])
+    cfg = {"name": "unet", "spatial_dims": 3, "in_channels": 2, "out_channels": 3, "channels": [4, 8], "strides": [2]}
+    torch.manual_seed(0)
+    model = build_model(cfg["name"], **{k: v for k, v in cfg.items() if k != "name"})
+    # trained at site a: the checkpoint records a's file order (T2, T1) as predict's default input order
+    ckpt = save_checkpoint(tmp_path / "best.pt", state_dict=model.state_dict(), model_config=cfg, plan=plan,
+                           labels=a.labels, channel_names=input_channel_names(plan, [a]))
+    files_a = [str(p) for p in a.test_cases[0].image_paths]  # T2, T1
+    files_b = [str(p) for p in b.test_cases[0].image_paths]  # the same scans as T1, T2
+    default = Predictor(ckpt, device="cpu", postprocess=False)
+    named = Predictor(ckpt, device="cpu", postprocess=False, modalities=["T1", "T2"])
+    assert default.modalities == ["T2", "T1"]
+    ia, ib = default.transform({"image": files_a})["image"], named.transform({"image": files_b})["image"]
+    assert torch.equal(ia.as_tensor(), ib.as_tensor())
+    wrong = Predictor(ckpt, device="cpu", postprocess=False).transform({"image": files_b})["image"]
+    assert not torch.equal(wrong.as_tensor(), ia.as_tensor())  # b's files read as if they were a's order
+    la, _ = default.predict_case([p for p in a.test_cases[0].image_paths])
+    lb, _ = named.predict_case([p for p in b.test_cases[0].image_paths])
+    np.testing.assert_array_equal(la, lb)
