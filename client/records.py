@@ -11,12 +11,12 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from medseg_core.federation import wire_arrays
+from medseg_core.federation import arrays_to_numpy, wire_arrays
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     """An ArrayRecord as ``{key: numpy array}``."""
-    return {k: v.numpy() for k, v in record.items()}
+    return arrays_to_numpy(record.items())
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

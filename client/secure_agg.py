@@ -33,7 +33,16 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.records import to_record
 from medseg_core.config import load_config
-from medseg_core.federation import ARRAYS, CONFIG, KEY_ARRAY_KEYS, NUM_EXAMPLES, SITE, SITE_WEIGHT
+from medseg_core.federation import (
+    ARRAYS,
+    CONFIG,
+    KEY_ARRAY_KEYS,
+    NPY_LOAD_LOCK,
+    NUM_EXAMPLES,
+    SITE,
+    SITE_WEIGHT,
+    arrays_to_numpy,
+)
 
 #: records of Flower's legacy layout (``flwr.compat.common.recorddict_compat``) in the masked stage
 FITINS_PARAMETERS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
@@ -97,9 +106,10 @@ def masked_stage(msg: Message, context: Context, call_next: Handler, clipping_ra
         )
     config = dict(content.config_records[FITINS_CONFIG])
     keys = _array_keys(config.pop(KEY_ARRAY_KEYS, None))
-    received = parameters_to_ndarrays(
-        compat.arrayrecord_to_parameters(content.array_records[FITINS_PARAMETERS], keep_input=True)
-    )
+    with NPY_LOAD_LOCK:  # np.load of each array (see medseg_core.federation.NPY_LOAD_LOCK)
+        received = parameters_to_ndarrays(
+            compat.arrayrecord_to_parameters(content.array_records[FITINS_PARAMETERS], keep_input=True)
+        )
     if len(received) != len(keys):
         raise ValueError(
             f"SecAgg+ training message: {len(received)} arrays but {len(keys)} keys in '{KEY_ARRAY_KEYS}'"
@@ -119,7 +129,7 @@ def masked_stage(msg: Message, context: Context, call_next: Handler, clipping_ra
         raise ValueError(
             f"the train handler's reply lacks '{ARRAYS}', its metrics or '{SITE}': {sorted(out.keys())}"
         )
-    trained = {k: v.numpy() for k, v in out.array_records[ARRAYS].items()}
+    trained = arrays_to_numpy(out.array_records[ARRAYS].items())
     if set(trained) != set(keys):
         raise ValueError(
             "SecAgg+ sums positionally: the trained weights must have exactly the received keys; "

@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -213,6 +214,21 @@ def local_keys(model: torch.nn.Module, keep_local: str | None) -> list[str]:
     if keep_local == "norm":
         return norm_state_keys(model)
     raise ValueError(f"strategy.keep_local must be null or 'norm', got {keep_local!r}")
+
+
+#: numpy reads every .npy header (Flower's ``Array.numpy()`` is ``np.load``) with ``ast.literal_eval``,
+#: and CPython 3.11 up to at least 3.11.7 (the version here) can raise "SystemError: AST constructor
+#: recursion depth mismatch" when two threads do that at once (CPython gh-106905). Sites that run as
+#: threads of one process (``server.inprocess.InProcessGrid``) did so: one site of a 750-round bench
+#: failed in round 23. Every conversion of received arrays therefore holds this lock; it costs nothing
+#: in a deployment, where each site is its own process.
+NPY_LOAD_LOCK = threading.Lock()
+
+
+def arrays_to_numpy(arrays: Iterable[tuple[str, Any]]) -> dict[str, np.ndarray]:
+    """``{key: array.numpy()}`` for Flower ``Array`` items (``record.items()``), under :data:`NPY_LOAD_LOCK`."""
+    with NPY_LOAD_LOCK:
+        return {k: v.numpy() for k, v in arrays}
 
 
 def wire_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

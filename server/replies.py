@@ -28,6 +28,7 @@ from medseg_core.federation import (
     SCAFFOLD_CONTROL,
     SCAFFOLD_DELTA_CONTROL,
     SITE,
+    arrays_to_numpy,
     check_arrays,
 )
 from medseg_core.privacy_report import DECLINED, is_budget_decline
@@ -90,7 +91,7 @@ def _content_problems(msg: Message, sent: Message, *, needs_arrays: bool, min_ex
             if reply_name not in content.array_records:
                 problems.append(f"no '{reply_name}' ArrayRecord")
                 continue
-            arrays = {k: v.numpy() for k, v in content.array_records[reply_name].items()}
+            arrays = arrays_to_numpy(content.array_records[reply_name].items())
             problems += check_arrays(arrays, expected, what=f"'{reply_name}'")
     return problems
 

@@ -50,6 +50,7 @@ from medseg_core.federation import (
     SCAFFOLD_DELTA_CONTROL,
     SITE_WEIGHT,
     aggregate_by_cases,
+    arrays_to_numpy,
     local_keys,
     parameter_keys,
     scaffold_server_update,
@@ -64,7 +65,7 @@ FLOWER_STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     """An ArrayRecord as ``{key: numpy array}``."""
-    return {k: v.numpy() for k, v in record.items()}
+    return arrays_to_numpy(record.items())
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -156,3 +156,39 @@ def test_wire_arrays_keep_zero_d_arrays_zero_d_and_make_views_contiguous():
     assert out["bn.num_batches_tracked"].shape == () and int(out["bn.num_batches_tracked"]) == 7
     assert out["w"].flags.c_contiguous and np.array_equal(out["w"], arrays["w"])
     assert np.ascontiguousarray(arrays["bn.num_batches_tracked"]).shape == (1,)  # what went wrong before
+
+
+def test_received_arrays_are_converted_one_thread_at_a_time():
+    """Sites that are threads of one process (InProcessGrid) must not np.load at once (CPython gh-106905)."""
+    import threading
+    import time
+
+    from flwr.app import Array
+
+    from medseg_core.federation import arrays_to_numpy
+
+    state = {"active": 0, "peak": 0}
+    guard = threading.Lock()
+
+    class Counting(Array):
+        def numpy(self):
+            with guard:
+                state["active"] += 1
+                state["peak"] = max(state["peak"], state["active"])
+            time.sleep(0.005)
+            out = super().numpy()
+            with guard:
+                state["active"] -= 1
+            return out
+
+    arrays = {f"w{i}": np.full((3, 2), i, dtype=np.float32) for i in range(4)}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        arrays_to_numpy((k, Counting(v)) for k, v in arrays.items()))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["peak"] == 1 and len(results) == 6
+    for got in results:
+        assert all(np.array_equal(got[k], arrays[k]) for k in arrays)
