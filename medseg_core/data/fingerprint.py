@@ -482,8 +482,8 @@ def merge_fingerprints(fps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     The inputs are not modified.
 
     Raises:
-        ValueError: empty list, or fingerprints that disagree on labels, channel count, spatial
-            dimensions or histogram grid.
+        ValueError: empty list, or fingerprints that disagree on labels, channel count, channel-order
+            convention (``channel_order``), spatial dimensions or histogram grid.
         PlanError: an input is not a fingerprint.
     """
     if not fps:
@@ -735,8 +735,9 @@ def plan_federation(sites: Sequence[SiteDataset], **plan_kwargs: Any) -> tuple[l
     Returns:
         ``(site_fingerprints, merged_fingerprint, plan)``.
 
-    Problems found by :func:`fingerprint_problems` are listed in ``plan["warnings"]``, sites whose
-    channels are reordered (:func:`channel_order_notes`) in ``plan["notes"]``.
+    Problems found by :func:`fingerprint_problems` are listed in ``plan["warnings"]``; reordered sites
+    and channels that carry different modalities at different sites (:func:`channel_order_notes`) in
+    ``plan["notes"]``.
     """
     fps = [compute_site_fingerprint(s) for s in sites]
     merged = merge_fingerprints(fps)
