@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of ground-truth CASE.nii.gz label maps: report Dice/HD95/NSD on the original grid")
     p.add_argument("--modality", nargs="+", default=None,
                    help="modality of each input channel, in the files' order (e.g. T2 T1); the model's channels "
-                        "are matched by name. Default: the training sites' order, when the checkpoint records one")
+                        "are matched by name. Default: the order the checkpoint records (the training sites' own when "
+                        "they agree, else the model's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--debug", action="store_true", help="print tracebacks of failed cases")
