@@ -17,8 +17,9 @@ import argparse
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -70,12 +71,16 @@ def gather_cases(path: str | Path) -> dict[str, list[Path]]:
 
 
 class Predictor:
-    """A checkpoint loaded once, applied to many cases."""
+    """A checkpoint loaded once, applied to many cases.
 
-    def __init__(self, checkpoint: str | Path, *, device: str = "auto", tta: bool = False,
+    ``checkpoint`` is a checkpoint file or an already loaded payload (``medseg-train`` scores its test
+    cases on their original grids through this class, so its figures are what ``medseg-predict`` gives).
+    """
+
+    def __init__(self, checkpoint: str | Path | Mapping[str, Any], *, device: str = "auto", tta: bool = False,
                  largest_component: bool = False, modalities: Sequence[str] | None = None,
                  sw_batch_size: int = 2, overlap: float = 0.5, postprocess: bool = True) -> None:
-        payload = load_checkpoint(checkpoint)
+        payload = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
         try:  # chosen on the validation cases by medseg-train (small-component removal per class)
             self.postprocess = PostProcessing.from_dict(payload.get("postprocessing")) if postprocess else None
         except ValueError as exc:
@@ -238,11 +243,25 @@ def score_against_reference(labels: np.ndarray, ref: nib.Nifti1Image, reference_
     Raises:
         PredictError: the reference label map is missing, unreadable or on another grid.
     """
-    from medseg_core.metrics import case_metrics
-
     path = reference_dir / f"{case_id}.nii.gz"
     if not path.is_file():
         path = reference_dir / f"{case_id}.nii"
+    return score_label_map(labels, ref, path, class_labels, case_id=case_id)
+
+
+def score_label_map(labels: np.ndarray, ref: nib.Nifti1Image, label_path: str | Path,
+                    class_labels: Mapping[str, int], *, case_id: str | None = None, **metric_kwargs: Any) -> dict:
+    """Metrics of a label map on ``ref``'s grid against the ground-truth file ``label_path`` (same grid).
+
+    Distances use ``ref``'s voxel sizes. ``metric_kwargs`` go to :func:`medseg_core.metrics.case_metrics`
+    (``nsd_tolerance_mm``, ``hd95``).
+
+    Raises:
+        PredictError: the label map is missing, unreadable or on another grid than ``ref``.
+    """
+    from medseg_core.metrics import case_metrics
+
+    path = Path(label_path)
     try:
         gt_img = nib.load(str(path))
         gt = np.asarray(gt_img.dataobj)
@@ -252,7 +271,8 @@ def score_against_reference(labels: np.ndarray, ref: nib.Nifti1Image, reference_
         raise PredictError(f"{path}: reference grid {gt.shape} differs from the scan's {labels.shape}")
     spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
     fg = {k: v for k, v in class_labels.items() if v != 0}
-    return case_metrics(labels, np.rint(gt).astype(np.int64), spacing_mm=spacing, class_values=fg, case_id=case_id)
+    return case_metrics(labels, np.rint(gt).astype(np.int64), spacing_mm=spacing, class_values=fg, case_id=case_id,
+                        **metric_kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -187,6 +187,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         test[s.name] = result
     pooled_test = _pooled_eval(test)
     pooled_raw = _pooled_eval(test_raw)
+    original = _test_on_original_grid(cfg, best_payload, sites, device) if cfg.eval.get("original_grid", True) else {}
+    pooled_original = _pooled_eval(original)
     summary = {
         "run_dir": str(run_dir), "best_epoch": best["epoch"], "best_val_mean_dice": best["dice"],
         "test_mean_dice": float(pooled_test.get("mean", {}).get("dice", math.nan)) if pooled_test else math.nan,
@@ -196,8 +198,13 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "postprocessing": post.as_dict()["min_size_mm3"] if post is not None else {},
         "train_seconds": history["train_seconds"],
     }
+    if original:
+        summary["test_mean_dice_original_grid"] = (
+            float(pooled_original.get("mean", {}).get("dice", math.nan)) if pooled_original else math.nan)
+        summary["test_per_site_original_grid"] = {n: r["mean_dice"] for n, r in original.items()}
     write_json({"summary": summary, "pooled": pooled_test, "pooled_without_postprocessing": pooled_raw,
-                "sites": {n: {"aggregate": r["aggregate"], "cases": r["cases"]} for n, r in test.items()}},
+                "sites": {n: {"aggregate": r["aggregate"], "cases": r["cases"]} for n, r in test.items()},
+                **({"original_grid": {"pooled": pooled_original, "sites": original}} if original else {})},
                run_dir / "test_metrics.json")
     history["summary"] = summary
     write_json(history, run_dir / "history.json")
@@ -205,7 +212,44 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
           f"per site {({k: round(v, 4) for k, v in summary['test_per_site'].items()})}; best epoch {best['epoch']}"
           + (f"; without post-processing {summary['test_mean_dice_without_postprocessing']:.4f}"
              if post is not None and post.active else ""))
+    if original:
+        print(f"test mean foreground Dice on the scans' original grids {summary['test_mean_dice_original_grid']:.4f} "
+              f"per site {({k: round(v, 4) for k, v in summary['test_per_site_original_grid'].items()})}")
     return summary
+
+
+def _test_on_original_grid(cfg: DictConfig, payload: dict, sites: list, device) -> dict[str, dict]:
+    """Score the test cases as ``medseg-predict`` delivers them: on each scan's own grid.
+
+    The plan-grid figures compare against label maps resampled (nearest neighbour) to the plan's spacing;
+    hospitals read predictions on the scan's grid, which is where nnU-Net reports its metrics too. This
+    is :class:`medseg_core.predict.Predictor` with ``medseg-predict``'s defaults (sliding-window overlap
+    0.5, no TTA, the checkpoint's post-processing): probabilities mapped back with ``Invertd`` (linear),
+    then compared with the original label file, distances in the scan's voxel sizes.
+
+    Returns:
+        ``{site: {"cases", "aggregate", "mean_dice"}}`` for the sites with test cases.
+    """
+    from medseg_core.predict import Predictor, score_label_map
+
+    results: dict[str, dict] = {}
+    for s in sites:
+        cases = [c for c in s.test_cases if c.label_path is not None]
+        if not cases:
+            continue
+        modalities = [s.channel_names[i] for i in sorted(s.channel_names)]  # the files' order
+        predictor = Predictor(payload, device=str(device), modalities=modalities,
+                              sw_batch_size=int(cfg.eval.sw_batch_size))
+        scored = []
+        for c in cases:
+            labels, ref = predictor.predict_case(list(c.image_paths))
+            scored.append({"case_id": c.case_id, "metrics": score_label_map(
+                labels, ref, c.label_path, predictor.labels, case_id=c.case_id,
+                nsd_tolerance_mm=float(cfg.eval.nsd_tolerance_mm), hd95=bool(cfg.eval.hd95))})
+        agg = aggregate([c["metrics"] for c in scored])
+        results[s.name] = {"cases": scored, "aggregate": agg,
+                           "mean_dice": float(agg.get("mean", {}).get("dice", math.nan))}
+    return results
 
 
 def _choose_postprocessing(cfg: DictConfig, model, site_loaders: dict, eval_kwargs: dict,

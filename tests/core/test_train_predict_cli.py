@@ -75,6 +75,35 @@ def test_predict_keeps_geometry_and_its_reported_dice_is_right(trained, synth_fe
 
 
 @pytest.mark.slow
+def test_original_grid_test_scores_are_what_predict_delivers(trained, synth_fed, tmp_path):
+    """``medseg-train`` scores its test cases on each scan's own grid too; those figures must be exactly the
+    ones ``medseg-predict --reference`` reports for the same checkpoint with its default settings."""
+    run_dir, out = trained
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    summary = test["summary"]
+    assert set(summary["test_per_site_original_grid"]) == {"site_00", "site_01"}
+    assert np.isfinite(summary["test_mean_dice_original_grid"])
+    assert "original grids" in out
+    ours = {c["case_id"]: c["metrics"] for c in test["original_grid"]["sites"]["site_01"]["cases"]}
+    images, labels = synth_fed / "site_01" / "imagesTs", synth_fed / "site_01" / "labelsTs"
+    pred_dir = tmp_path / "pred"
+    proc = _run([sys.executable, "-m", "medseg_core.predict", "--checkpoint", str(run_dir / "best.pt"),
+                 "--input", str(images), "--output", str(pred_dir), "--reference", str(labels),
+                 "--modality", "T1"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    theirs = json.loads((pred_dir / "metrics.json").read_text())["cases"]
+    assert set(ours) == set(theirs) and ours
+    for case, metrics in ours.items():
+        for name in ("organ", "lesion"):
+            a, b = metrics[name]["dice"], theirs[case][name]["dice"]
+            assert (np.isnan(a) and np.isnan(b)) or abs(a - b) < 1e-6, (case, name, a, b)
+        gt = np.asarray(nib.load(labels / f"{case}.nii.gz").dataobj)
+        p = np.asarray(nib.load(pred_dir / f"{case}.nii.gz").dataobj)
+        if (gt == 1).any() and (p == 1).any():  # the written label map, on the scan's grid, gives it too
+            assert abs(_dice(p == 1, gt == 1) - metrics["organ"]["dice"]) < 1e-6
+
+
+@pytest.mark.slow
 def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(trained, synth_fed, tmp_path):
     run_dir, _ = trained
     folder = tmp_path / "in"
