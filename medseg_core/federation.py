@@ -111,6 +111,8 @@ EVAL_LOSS = "eval-loss"
 # evaluation metrics: medseg_core.metrics' names (foreground mean; per class "<metric>/<class>", and
 # "<metric>/<class>/n" the number of cases behind it), see medseg_core.metrics.flat_summary
 DICE, HD95, IOU, NSD = metrics.DICE, metrics.HD95, metrics.IOU, metrics.NSD
+# the final test's metrics on each scan's own grid, as medseg-predict delivers them: "original-grid/dice", ...
+ORIGINAL_GRID = "original-grid"
 
 # node config keys (``flower-supernode --node-config``; Flower sets the two partition keys in simulation)
 NODE_SITE_DIR = "site-dir"

@@ -275,6 +275,42 @@ def score_label_map(labels: np.ndarray, ref: nib.Nifti1Image, label_path: str | 
                         **metric_kwargs)
 
 
+def score_on_original_grid(checkpoint: str | Path | Mapping[str, Any], cases: Sequence[Any], *,
+                           modalities: Sequence[str] | None = None, device: str = "auto", sw_batch_size: int = 2,
+                           nsd_tolerance_mm: float = 2.0, hd95: bool = True) -> dict[str, Any]:
+    """Score labelled cases as ``medseg-predict`` delivers them: on each scan's own grid.
+
+    Metrics on the plan's grid compare against label maps resampled (nearest neighbour) to the plan's
+    spacing; hospitals read predictions on the scan's grid, which is where nnU-Net reports its metrics
+    too. This is :class:`Predictor` with ``medseg-predict``'s defaults (sliding-window overlap 0.5, no
+    TTA, the checkpoint's post-processing): probabilities mapped back with ``Invertd`` (linear), compared
+    with the case's original label file, distances in the scan's voxel sizes.
+
+    Args:
+        checkpoint: a checkpoint file or payload (``plan``, ``model_config``, ``state_dict``, ``labels``).
+        cases: objects with ``case_id``, ``image_paths`` and ``label_path`` (a site's
+            :class:`medseg_core.data.dataset.Case`); those without a label are skipped.
+        modalities: modality of each input channel in the files' order (the site's ``channel_names``).
+
+    Returns:
+        ``{"cases": [{"case_id", "metrics"}], "aggregate", "mean_dice", "num_cases"}``.
+    """
+    from medseg_core.metrics import aggregate
+
+    predictor = Predictor(checkpoint, device=device, modalities=modalities, sw_batch_size=sw_batch_size)
+    scored = []
+    for c in cases:
+        if c.label_path is None:
+            continue
+        labels, ref = predictor.predict_case([Path(p) for p in c.image_paths])
+        scored.append({"case_id": c.case_id, "metrics": score_label_map(
+            labels, ref, c.label_path, predictor.labels, case_id=c.case_id, nsd_tolerance_mm=nsd_tolerance_mm,
+            hd95=hd95)})
+    agg = aggregate([c["metrics"] for c in scored]) if scored else {}
+    return {"cases": scored, "aggregate": agg, "mean_dice": float(agg.get("mean", {}).get("dice", float("nan"))),
+            "num_cases": len(scored)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medseg-predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint written by medseg-train or the server")

@@ -219,36 +219,20 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def _test_on_original_grid(cfg: DictConfig, payload: dict, sites: list, device) -> dict[str, dict]:
-    """Score the test cases as ``medseg-predict`` delivers them: on each scan's own grid.
-
-    The plan-grid figures compare against label maps resampled (nearest neighbour) to the plan's spacing;
-    hospitals read predictions on the scan's grid, which is where nnU-Net reports its metrics too. This
-    is :class:`medseg_core.predict.Predictor` with ``medseg-predict``'s defaults (sliding-window overlap
-    0.5, no TTA, the checkpoint's post-processing): probabilities mapped back with ``Invertd`` (linear),
-    then compared with the original label file, distances in the scan's voxel sizes.
+    """Every site's test cases scored on the scans' own grids (:func:`medseg_core.predict.score_on_original_grid`).
 
     Returns:
-        ``{site: {"cases", "aggregate", "mean_dice"}}`` for the sites with test cases.
+        ``{site: {"cases", "aggregate", "mean_dice", "num_cases"}}`` for the sites with labelled test cases.
     """
-    from medseg_core.predict import Predictor, score_label_map
+    from medseg_core.predict import score_on_original_grid
 
     results: dict[str, dict] = {}
     for s in sites:
-        cases = [c for c in s.test_cases if c.label_path is not None]
-        if not cases:
-            continue
-        modalities = [s.channel_names[i] for i in sorted(s.channel_names)]  # the files' order
-        predictor = Predictor(payload, device=str(device), modalities=modalities,
-                              sw_batch_size=int(cfg.eval.sw_batch_size))
-        scored = []
-        for c in cases:
-            labels, ref = predictor.predict_case(list(c.image_paths))
-            scored.append({"case_id": c.case_id, "metrics": score_label_map(
-                labels, ref, c.label_path, predictor.labels, case_id=c.case_id,
-                nsd_tolerance_mm=float(cfg.eval.nsd_tolerance_mm), hd95=bool(cfg.eval.hd95))})
-        agg = aggregate([c["metrics"] for c in scored])
-        results[s.name] = {"cases": scored, "aggregate": agg,
-                           "mean_dice": float(agg.get("mean", {}).get("dice", math.nan))}
+        if any(c.label_path is not None for c in s.test_cases):
+            results[s.name] = score_on_original_grid(
+                payload, s.test_cases, modalities=[s.channel_names[i] for i in sorted(s.channel_names)],
+                device=str(device), sw_batch_size=int(cfg.eval.sw_batch_size),
+                nsd_tolerance_mm=float(cfg.eval.nsd_tolerance_mm), hd95=bool(cfg.eval.hd95))
     return results
 
 

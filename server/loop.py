@@ -72,7 +72,7 @@ from medseg_core.runtime import rng_state, seed_everything, set_rng_state
 from medseg_core.workflow import build_configured_model, model_config, plan_options
 from server.messaging import send_messages
 from server.replies import INVALID, Fault, screen_replies, site_name
-from server.report import plot_history, privacy_settings, round_line, write_report
+from server.report import ORIGINAL_DICE, plot_history, privacy_settings, round_line, write_report
 from server.run_files import (
     RunFiles,
     load_round_checkpoint,
@@ -611,6 +611,9 @@ class FederatedRun:
         self.history["timings"]["final_test_s"] = time.perf_counter() - t
         rows = ", ".join(f"{s} {m.get(DICE, math.nan):.3f}" for s, m in sorted(per_site.items()))
         self.say(f"test (best round {self.best['round']}): Dice {rows or 'no site has a test split'}")
+        original = {s: m[ORIGINAL_DICE] for s, m in sorted(per_site.items()) if ORIGINAL_DICE in m}
+        if original:
+            self.say("test on each scan's own grid: Dice " + ", ".join(f"{s} {d:.3f}" for s, d in original.items()))
         if valid:
             own = " with its own normalisation layers" if isinstance(self.strategy, FedBN) else ""
             self.say(f"each site that answered keeps this model{own} for medseg-predict: "

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from medseg_core.checkpoint import write_text
-from medseg_core.federation import DICE, HD95, NUM_EXAMPLES, TRAIN_LOSS
+from medseg_core.federation import DICE, HD95, NUM_EXAMPLES, ORIGINAL_GRID, TRAIN_LOSS
 from medseg_core.plots import plot_curves
 from medseg_core.privacy_report import (
     DP_DELTA,
@@ -27,6 +27,7 @@ from medseg_core.privacy_report import (
 )
 
 #: ``privacy.*`` settings of sample-level DP recorded in ``history.json`` (what the site was asked to do)
+ORIGINAL_DICE, ORIGINAL_HD95 = f"{ORIGINAL_GRID}/{DICE}", f"{ORIGINAL_GRID}/{HD95}"
 SAMPLE_LEVEL_KEYS = ("noise_multiplier", "epsilon", "delta", "max_grad_norm", "accountant", "ledger_scope")
 
 
@@ -114,24 +115,23 @@ def write_report(path: Path, history: Mapping[str, Any]) -> Path:
         "",
     ]
     if test.get("sites"):
-        rows = [
-            [s, str(int(m.get(NUM_EXAMPLES, 0))), _fmt(m.get(DICE)), _fmt(m.get(HD95), 1)]
-            for s, m in sorted(test["sites"].items())
-        ]
         agg = test.get("aggregate", {})
-        rows.append(
-            [
-                "**all (by cases)**",
-                str(int(agg.get(NUM_EXAMPLES, 0))),
-                _fmt(agg.get(DICE)),
-                _fmt(agg.get(HD95), 1),
-            ]
-        )
+        original = any(ORIGINAL_DICE in m for m in test["sites"].values())
+
+        def row(name: str, m: Mapping[str, Any]) -> list[str]:
+            cells = [name, str(int(m.get(NUM_EXAMPLES, 0))), _fmt(m.get(DICE)), _fmt(m.get(HD95), 1)]
+            return cells + ([_fmt(m.get(ORIGINAL_DICE)), _fmt(m.get(ORIGINAL_HD95), 1)] if original else [])
+
+        rows = [row(s, m) for s, m in sorted(test["sites"].items())] + [row("**all (by cases)**", agg)]
+        header = ["site", "cases", "Dice", "HD95 (mm)"] + (["Dice, scan grid", "HD95 (mm), scan grid"] if original else [])
         lines += [
             "## Best model on each site's test split",
             "",
-            _table(rows, ["site", "cases", "Dice", "HD95 (mm)"]),
+            _table(rows, header),
             "",
+            *(["Dice and HD95 on the plan's grid (labels resampled to the plan's spacing, as in validation) and "
+               "on each scan's own grid (the site's model applied as `medseg-predict` applies it)", ""]
+              if original else []),
         ]
     if rounds:
         sites = sorted({s for e in rounds for s in e.get("evaluate", {})})
