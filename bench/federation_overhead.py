@@ -411,7 +411,8 @@ def run_arm(arm: str, sites: int, args: argparse.Namespace, work: Path, tag: str
                    FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()))
         run_cfg = " ".join(f"{k}={json.dumps(v)}".replace('"', "'") for k, v in rc.items())
         cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_cfg,
-               "--federation-config", f"num-supernodes={sites} client-resources-num-cpus={args.client_cpus}"]
+               "--federation-config", f"num-supernodes={sites} client-resources-num-cpus={args.client_cpus}"
+               + (f" init-args-num-cpus={args.runtime_cpus}" if args.runtime_cpus else "")]
         cwd = work
     else:
         env.update(OMP_NUM_THREADS="1")  # one torch thread per site, as Ray gives each simulated site one CPU
@@ -593,6 +594,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--client-cpus", type=int, default=1,
                    help="client-resources-num-cpus of the Flower arm (2 on this 2-core machine: one actor)")
+    p.add_argument("--runtime-cpus", type=int, default=None,
+                   help="init-args-num-cpus of the Flower arm: the CPUs Ray believes it has (default: the "
+                        "machine's); the number of sites gives every site its own actor, as in-process threads")
     p.add_argument("--work-dir", type=Path, default=None, help="where data, runs and logs go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the run directories and logs")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="limit for one run")
