@@ -82,6 +82,7 @@ def overrides(sites: int, args: argparse.Namespace, cache_dir: Path, run_dir: Pa
         f"fl.num_rounds={args.rounds} fl.local_epochs=1 fl.final_test=false "
         f"fl.min_available_nodes={sites} fl.min_train_nodes={sites} fl.min_evaluate_nodes={sites} "
         f"fl.round_timeout_s=1800 fl.connect_timeout_s=600"
+        + (f" {args.extra}" if args.extra else "")
     )
 
 
@@ -597,6 +598,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtime-cpus", type=int, default=None,
                    help="init-args-num-cpus of the Flower arm: the CPUs Ray believes it has (default: the "
                         "machine's); the number of sites gives every site its own actor, as in-process threads")
+    p.add_argument("--set", dest="extra", default="",
+                   help="more Hydra overrides for every arm, e.g. 'fl.keep_optimizer_state=false'")
     p.add_argument("--work-dir", type=Path, default=None, help="where data, runs and logs go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the run directories and logs")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="limit for one run")

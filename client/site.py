@@ -287,7 +287,8 @@ class SiteState:
         if not rounds:
             return None
         payload = torch.load(self._path(kind, rounds[-1]), map_location="cpu", weights_only=False)
-        return {k: np.asarray(v) for k, v in payload.items()}
+        # tensors since session 7; files written before hold NumPy arrays
+        return {k: v.numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in payload.items()}
 
     def save(
         self, kind: str, round_idx: int, arrays: Mapping[str, np.ndarray], keep: int | None = None
@@ -298,7 +299,9 @@ class SiteState:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(dict(arrays), f)
+                # as tensors: torch.save pickles NumPy arrays element-wise slowly (a 2 M-parameter model's
+                # AdamW moments took 0.3 s to save and 0.2 s to load, every site and round; tensors 0.02 s)
+                torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}, f)
             os.replace(tmp, path)  # atomic: a crash never leaves half a state file
         finally:
             if os.path.exists(tmp):

@@ -79,6 +79,22 @@ def test_site_state_reads_the_newest_round_before_the_current_one(tmp_path):
         SiteState(tmp_path, "../escape")
 
 
+def test_site_state_round_trips_arrays_as_tensors_and_reads_older_numpy_files(tmp_path):
+    state = SiteState(tmp_path, "run-1")
+    arrays = {"w/exp_avg": np.arange(6, dtype=np.float32).reshape(2, 3), "w/step": np.asarray(7.0),
+              "n": np.asarray([1, 2], dtype=np.int64), "view": np.arange(10, dtype=np.float32)[::2]}
+    path = state.save(OPTIM, 1, arrays)
+    stored = torch.load(path, weights_only=True)  # plain tensors: fast to write and read, no pickled NumPy
+    assert all(torch.is_tensor(v) for v in stored.values())
+    back = state.load(OPTIM, 2)
+    assert set(back) == set(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k], v)
+    torch.save({"c": np.full(3, 5.0)}, state.dir / "control_0001.pt")  # as sessions 1-6 wrote them
+    np.testing.assert_array_equal(state.load(CONTROL, 2)["c"], [5.0, 5.0, 5.0])
+
+
 def test_the_client_refuses_a_server_with_another_configuration(setup):
     cache, _cfg, _root, _ref, _data = setup
     rc = run_config(cache)
