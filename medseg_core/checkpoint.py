@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "medseg-checkpoint"
@@ -53,6 +54,36 @@ def write_text(text: str, path: str | Path) -> Path:
     return _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
+_NDARRAY = "__medseg_ndarray__"
+
+
+def _pack_arrays(obj: Any) -> Any:
+    """NumPy arrays nested in ``obj`` (dicts, lists, tuples) as marked tensors.
+
+    ``torch.save`` pickles NumPy arrays 10-20x slower than tensors and into larger files; server
+    optimiser moments (FedAdam's ``m_t``/``v_t``) and SCAFFOLD's control variate are model-sized arrays
+    written every round. :func:`load_checkpoint` turns them back into arrays.
+    """
+    if isinstance(obj, np.ndarray) and obj.ndim and obj.dtype != object:
+        return {_NDARRAY: torch.from_numpy(np.array(obj, copy=True))}
+    if isinstance(obj, dict):
+        return {k: _pack_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):  # named tuples stay as they are
+        return type(obj)(_pack_arrays(v) for v in obj)
+    return obj
+
+
+def _unpack_arrays(obj: Any) -> Any:
+    """Undo :func:`_pack_arrays`."""
+    if isinstance(obj, dict):
+        if len(obj) == 1 and _NDARRAY in obj:
+            return obj[_NDARRAY].numpy()
+        return {k: _unpack_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_unpack_arrays(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | Path, *, state_dict: Mapping[str, torch.Tensor], model_config: Mapping[str, Any],
                     plan: Mapping[str, Any] | None = None, labels: Mapping[str, int] | None = None,
                     channel_names: Mapping[int, str] | None = None, **extra: Any) -> Path:
@@ -74,7 +105,7 @@ def save_checkpoint(path: str | Path, *, state_dict: Mapping[str, torch.Tensor],
         "plan": dict(plan) if plan is not None else None,
         "labels": dict(labels) if labels is not None else None,
         "channel_names": {int(k): str(v) for k, v in (channel_names or {}).items()},
-        **extra,
+        **_pack_arrays(extra),
     }
     return _atomic_write(Path(path), lambda f: torch.save(payload, f))
 
@@ -96,7 +127,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a medseg checkpoint (no '{CHECKPOINT_FORMAT}' header)")
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload['version']} is newer than this code supports")
-    return payload
+    return {k: v if k == "state_dict" else _unpack_arrays(v) for k, v in payload.items()}
 
 
 def model_from_checkpoint(payload: Mapping[str, Any]) -> torch.nn.Module:
