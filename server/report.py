@@ -26,8 +26,9 @@ from medseg_core.privacy_report import (
     latest_privacy,
 )
 
-#: ``privacy.*`` settings of sample-level DP recorded in ``history.json`` (what the site was asked to do)
+#: the final test's Dice and HD95 on each scan's own grid (the site's model applied as medseg-predict does)
 ORIGINAL_DICE, ORIGINAL_HD95 = f"{ORIGINAL_GRID}/{DICE}", f"{ORIGINAL_GRID}/{HD95}"
+#: ``privacy.*`` settings of sample-level DP recorded in ``history.json`` (what the site was asked to do)
 SAMPLE_LEVEL_KEYS = ("noise_multiplier", "epsilon", "delta", "max_grad_norm", "accountant", "ledger_scope")
 
 
@@ -129,8 +130,9 @@ def write_report(path: Path, history: Mapping[str, Any]) -> Path:
             "",
             _table(rows, header),
             "",
-            *(["Dice and HD95 on the plan's grid (labels resampled to the plan's spacing, as in validation) and "
-               "on each scan's own grid (the site's model applied as `medseg-predict` applies it)", ""]
+            *(["Dice and HD95 are scored on the plan's grid (labels resampled to the plan's spacing, as in "
+               "validation) and on each scan's own grid (the site's model applied as `medseg-predict` applies it).",
+               ""]
               if original else []),
         ]
     if rounds:
