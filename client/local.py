@@ -433,7 +433,7 @@ def evaluate_round(
         # the site's copy of the model, as medseg-predict would apply it, on each scan's own grid
         original = score_on_original_grid(
             state.model_path, data.site.test_cases,
-            modalities=[data.site.channel_names[i] for i in sorted(data.site.channel_names)], device=str(device),
+            modalities=data.site.channel_names, device=str(device),
             sw_batch_size=int(ev.sw_batch_size), nsd_tolerance_mm=float(ev.nsd_tolerance_mm), hd95=bool(ev.hd95),
         )
         if original["num_cases"]:

@@ -78,7 +78,7 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str | Path | Mapping[str, Any], *, device: str = "auto", tta: bool = False,
-                 largest_component: bool = False, modalities: Sequence[str] | None = None,
+                 largest_component: bool = False, modalities: Sequence[str] | Mapping[int, str] | None = None,
                  sw_batch_size: int = 2, overlap: float = 0.5, postprocess: bool = True) -> None:
         payload = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
         try:  # chosen on the validation cases by medseg-train (small-component removal per class)
@@ -97,8 +97,10 @@ class Predictor:
         self.tta, self.largest_component = tta, largest_component
         self.sw_batch_size, self.overlap = sw_batch_size, overlap
         channel_names = payload.get("channel_names") or {}
-        if modalities is not None:
-            self.modalities: list[str] | None = list(modalities)
+        if isinstance(modalities, Mapping):  # a site's channel_names: channel index -> modality
+            self.modalities: list[str] | None = [str(modalities[i]) for i in sorted(modalities)]
+        elif modalities is not None:
+            self.modalities = list(modalities)
         elif channel_names:
             self.modalities = [channel_names[i] for i in sorted(channel_names)]
         else:
@@ -276,7 +278,8 @@ def score_label_map(labels: np.ndarray, ref: nib.Nifti1Image, label_path: str | 
 
 
 def score_on_original_grid(checkpoint: str | Path | Mapping[str, Any], cases: Sequence[Any], *,
-                           modalities: Sequence[str] | None = None, device: str = "auto", sw_batch_size: int = 2,
+                           modalities: Sequence[str] | Mapping[int, str] | None = None, device: str = "auto",
+                           sw_batch_size: int = 2,
                            nsd_tolerance_mm: float = 2.0, hd95: bool = True) -> dict[str, Any]:
     """Score labelled cases as ``medseg-predict`` delivers them: on each scan's own grid.
 
@@ -290,7 +293,7 @@ def score_on_original_grid(checkpoint: str | Path | Mapping[str, Any], cases: Se
         checkpoint: a checkpoint file or payload (``plan``, ``model_config``, ``state_dict``, ``labels``).
         cases: objects with ``case_id``, ``image_paths`` and ``label_path`` (a site's
             :class:`medseg_core.data.dataset.Case`); those without a label are skipped.
-        modalities: modality of each input channel in the files' order (the site's ``channel_names``).
+        modalities: modality of each input channel in the files' order, or the site's ``channel_names``.
 
     Returns:
         ``{"cases": [{"case_id", "metrics"}], "aggregate", "mean_dice", "num_cases"}``.

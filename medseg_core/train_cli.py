@@ -230,7 +230,7 @@ def _test_on_original_grid(cfg: DictConfig, payload: dict, sites: list, device) 
     for s in sites:
         if any(c.label_path is not None for c in s.test_cases):
             results[s.name] = score_on_original_grid(
-                payload, s.test_cases, modalities=[s.channel_names[i] for i in sorted(s.channel_names)],
+                payload, s.test_cases, modalities=s.channel_names,
                 device=str(device), sw_batch_size=int(cfg.eval.sw_batch_size),
                 nsd_tolerance_mm=float(cfg.eval.nsd_tolerance_mm), hd95=bool(cfg.eval.hd95))
     return results
