@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-local", action="store_true", help="pooled baseline only (no local-only runs)")
     parser.add_argument("--set", dest="extra", default="",
                         help="more overrides for the federated runs, e.g. 'fl.keep_optimizer_state=false'")
+    parser.add_argument("--grid", choices=["plan", "scan"], default="plan",
+                        help="test Dice on the plan's grid or on each scan's own grid (medseg-compare --grid)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -124,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         setup += f" {args.extra}"
     t0 = time.perf_counter()
     runs = [run_federated(cache, strategy, seed, setup, work) for seed in args.seeds for strategy in args.strategies]
-    result = compare(runs, work / "compare", baselines=not args.no_baselines, local=not args.no_local)
+    result = compare(runs, work / "compare", baselines=not args.no_baselines, local=not args.no_local,
+                     grid=args.grid)
     minutes = (time.perf_counter() - t0) / 60
     summary = result["summary"]
     verdicts = checks(summary)
-    table = markdown_table(summary)
+    table = markdown_table(summary, args.grid)
     print(table)
     print("\n".join(verdicts))
     (work / "verdicts.json").write_text(json.dumps({"checks": verdicts, "minutes": minutes}, indent=2))

@@ -11,6 +11,7 @@ model, loss and engine as the Flower client. Artefacts (under ``hydra.run.dir``,
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -188,7 +189,6 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     pooled_test = _pooled_eval(test)
     pooled_raw = _pooled_eval(test_raw)
     original = _test_on_original_grid(cfg, best_payload, sites, device) if cfg.eval.get("original_grid", True) else {}
-    pooled_original = _pooled_eval(original)
     summary = {
         "run_dir": str(run_dir), "best_epoch": best["epoch"], "best_val_mean_dice": best["dice"],
         "test_mean_dice": float(pooled_test.get("mean", {}).get("dice", math.nan)) if pooled_test else math.nan,
@@ -198,13 +198,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "postprocessing": post.as_dict()["min_size_mm3"] if post is not None else {},
         "train_seconds": history["train_seconds"],
     }
-    if original:
-        summary["test_mean_dice_original_grid"] = (
-            float(pooled_original.get("mean", {}).get("dice", math.nan)) if pooled_original else math.nan)
-        summary["test_per_site_original_grid"] = {n: r["mean_dice"] for n, r in original.items()}
+    original_block = _original_grid_block(original)
+    summary.update(_original_grid_summary(original_block))
     write_json({"summary": summary, "pooled": pooled_test, "pooled_without_postprocessing": pooled_raw,
                 "sites": {n: {"aggregate": r["aggregate"], "cases": r["cases"]} for n, r in test.items()},
-                **({"original_grid": {"pooled": pooled_original, "sites": original}} if original else {})},
+                **({"original_grid": original_block} if original_block else {})},
                run_dir / "test_metrics.json")
     history["summary"] = summary
     write_json(history, run_dir / "history.json")
@@ -215,6 +213,58 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if original:
         print(f"test mean foreground Dice on the scans' original grids {summary['test_mean_dice_original_grid']:.4f} "
               f"per site {({k: round(v, 4) for k, v in summary['test_per_site_original_grid'].items()})}")
+    return summary
+
+
+def _original_grid_block(original: dict[str, dict]) -> dict[str, Any]:
+    """``test_metrics.json``'s ``original_grid`` entry: pooled and per-site scan-grid results ({} if none)."""
+    return {"pooled": _pooled_eval(original), "sites": original} if original else {}
+
+
+def _original_grid_summary(block: dict[str, Any]) -> dict[str, Any]:
+    """The summary's scan-grid keys from an ``original_grid`` entry ({} if it is empty)."""
+    if not block:
+        return {}
+    pooled = block["pooled"]
+    return {"test_mean_dice_original_grid": float(pooled.get("mean", {}).get("dice", math.nan)) if pooled else math.nan,
+            "test_per_site_original_grid": {n: r["mean_dice"] for n, r in block["sites"].items()}}
+
+
+def add_original_grid_scores(run_dir: str | Path) -> dict[str, Any]:
+    """A finished ``medseg-train`` run's summary, with its test cases scored on the scans' own grids.
+
+    Runs made before ``medseg-train`` scored the scans' grids, or with ``eval.original_grid=false``, have
+    no ``test_per_site_original_grid``. This scores their ``best.pt`` now, exactly as the run would have
+    (its resolved config, data and post-processing), and adds the figures to ``history.json`` and
+    ``test_metrics.json``; nothing else in the run changes. A run that has them is returned as it is.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` lacks ``history.json``, ``resolved_config.yaml`` or ``best.pt``.
+        ValueError: the run has not finished (no summary in ``history.json``).
+    """
+    run_dir = Path(run_dir)
+    for name in ("history.json", "resolved_config.yaml", "best.pt"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished medseg-train run?")
+    history = json.loads((run_dir / "history.json").read_text())
+    summary = history.get("summary")
+    if not summary:
+        raise ValueError(f"{run_dir / 'history.json'}: the run has not finished (no test summary)")
+    if summary.get("test_per_site_original_grid"):
+        return summary
+    cfg = OmegaConf.load(run_dir / "resolved_config.yaml")
+    sites = validated_sites(ensure_data_root(cfg.data, progress=False), cfg.data.sites,
+                            skip_bad=bool(cfg.data.skip_bad_cases))
+    block = _original_grid_block(
+        _test_on_original_grid(cfg, load_checkpoint(run_dir / "best.pt"), sites, resolve_device(cfg.device)))
+    summary.update(_original_grid_summary(block))
+    write_json(history, run_dir / "history.json")
+    metrics_path = run_dir / "test_metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics["summary"] = summary
+    if block:
+        metrics["original_grid"] = block
+    write_json(metrics, metrics_path)
     return summary
 
 

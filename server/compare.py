@@ -11,6 +11,11 @@ each site's ``imagesTs``; FedBN with each site's own normalisation). The baselin
 fl.local_epochs`` epochs): *pooled* (all sites' cases together, as if they could be shared) and
 *local-only* (each site alone, tested on its own test split). Seeds are those of the federated runs.
 
+``--grid scan`` compares the test Dice on each scan's own grid (what ``medseg-predict`` delivers and where
+nnU-Net reports) instead of the plan's resampled grid (the default, ``plan``). Federated runs must have
+scored it (``eval.original_grid``, the default since it exists); a reused baseline that predates it is
+scored now from its ``best.pt``.
+
 Writes ``comparison.json``, ``comparison.md`` (mean ± sd over seeds) and ``comparison.png``.
 """
 
@@ -30,7 +35,7 @@ from omegaconf import OmegaConf
 
 from medseg_core.checkpoint import write_json, write_text
 from medseg_core.config import compose_config
-from medseg_core.federation import DICE
+from medseg_core.federation import DICE, ORIGINAL_GRID
 from server.run_files import RunFiles
 
 matplotlib.use("Agg")
@@ -39,15 +44,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 POOLED, LOCAL = "pooled", "local-only"
 #: config groups / keys a baseline takes from the federated run (what is trained, on what, and how)
 SHARED_KEYS = ("seed", "device", "data", "transforms", "model", "loss", "optim", "eval")
+#: where the test Dice is read: the plan's grid (resampled labels) or each scan's own grid
+GRIDS = ("plan", "scan")
+GRID_WORDS = {"plan": "on the plan's grid", "scan": "on each scan's own grid"}
 
 
-def load_federated(run_dir: Path) -> dict[str, Any]:
-    """Strategy, seed, config and per-site test Dice of a finished federated run.
+def _check_grid(grid: str) -> str:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, not {grid!r}")
+    return grid
+
+
+def load_federated(run_dir: Path, grid: str = "plan") -> dict[str, Any]:
+    """Strategy, seed, config and per-site test Dice (on ``grid``) of a finished federated run.
 
     Raises:
         FileNotFoundError: no ``history.json`` / ``resolved_config.yaml``.
-        ValueError: the run has no final test evaluation.
+        ValueError: the run has no final test evaluation, or (``grid="scan"``) none on the scans' grids.
     """
+    key = DICE if _check_grid(grid) == "plan" else f"{ORIGINAL_GRID}/{DICE}"
     files = RunFiles(Path(run_dir))
     for path in (files.history, files.resolved_config):
         if not path.is_file():
@@ -57,11 +72,15 @@ def load_federated(run_dir: Path) -> dict[str, Any]:
     sites = history.get("test", {}).get("sites", {})
     if not sites:
         raise ValueError(f"{run_dir}: no test evaluation in history.json (status {history.get('status')!r})")
+    missing = sorted(s for s, m in sites.items() if key not in m)
+    if missing:
+        raise ValueError(f"{run_dir}: sites {missing} have no test Dice on the scans' own grids in history.json "
+                         "(the run predates that scoring or set eval.original_grid=false); use --grid plan")
     return {
         "method": str(history.get("strategy") or cfg.strategy.name),
         "seed": int(cfg.seed),
         "cfg": cfg,
-        "dice": {s: float(m.get(DICE, math.nan)) for s, m in sites.items()},
+        "dice": {s: float(m.get(key, math.nan)) for s, m in sites.items()},
         "run_dir": str(run_dir),
     }
 
@@ -95,20 +114,28 @@ def baseline_config(fed_cfg, *, seed: int, epochs: int, run_dir: Path, sites: Se
     return OmegaConf.create(merged)
 
 
-def _train_or_reuse(cfg, run_dir: Path) -> dict[str, Any]:
-    """``medseg-train``'s summary for ``run_dir``: a finished run there is reused, otherwise trained."""
-    from medseg_core.train_cli import run_training  # heavy: only when baselines are trained
+def _train_or_reuse(cfg, run_dir: Path, grid: str = "plan") -> dict[str, Any]:
+    """``medseg-train``'s summary for ``run_dir``: a finished run there is reused (with ``grid="scan"``, scored
+    on the scans' grids now if it predates that), otherwise trained."""
+    from medseg_core.train_cli import add_original_grid_scores, run_training  # heavy: only for baselines
 
     done = run_dir / "history.json"
     if done.is_file():
         summary = json.loads(done.read_text()).get("summary")
         if summary and summary.get("test_per_site"):
+            if grid == "scan" and not summary.get("test_per_site_original_grid"):
+                summary = add_original_grid_scores(run_dir)
             return summary
     return run_training(cfg, run_dir)
 
 
+def _site_dice(summary: Mapping[str, Any], grid: str) -> dict[str, float]:
+    """A baseline's test Dice per site on ``grid``."""
+    return dict(summary["test_per_site_original_grid" if grid == "scan" else "test_per_site"])
+
+
 def train_baselines(
-    fed: Mapping[str, Any], sites: Sequence[str], out: Path, log=print, local: bool = True
+    fed: Mapping[str, Any], sites: Sequence[str], out: Path, log=print, local: bool = True, grid: str = "plan"
 ) -> list[dict[str, Any]]:
     """Pooled and (with ``local``) local-only training for one federated run's settings and seed; baselines
     already finished under ``out`` are reused."""
@@ -120,11 +147,9 @@ def train_baselines(
     pooled_dir = out / f"{POOLED}-seed{seed}"
     log(f"pooled baseline, seed {seed}: {epochs} epochs over {list(sites)} -> {pooled_dir}")
     summary = _train_or_reuse(
-        baseline_config(cfg, seed=seed, epochs=epochs, run_dir=pooled_dir, sites=sites), pooled_dir
+        baseline_config(cfg, seed=seed, epochs=epochs, run_dir=pooled_dir, sites=sites), pooled_dir, grid
     )
-    rows.append(
-        {"method": POOLED, "seed": seed, "dice": dict(summary["test_per_site"]), "run_dir": str(pooled_dir)}
-    )
+    rows.append({"method": POOLED, "seed": seed, "dice": _site_dice(summary, grid), "run_dir": str(pooled_dir)})
     if not local:
         return rows
     local_dice: dict[str, float] = {}
@@ -132,9 +157,9 @@ def train_baselines(
         site_dir = out / f"{LOCAL}-{site}-seed{seed}"
         log(f"local-only baseline {site}, seed {seed}: {epochs} epochs -> {site_dir}")
         summary = _train_or_reuse(
-            baseline_config(cfg, seed=seed, epochs=epochs, run_dir=site_dir, sites=[site]), site_dir
+            baseline_config(cfg, seed=seed, epochs=epochs, run_dir=site_dir, sites=[site]), site_dir, grid
         )
-        local_dice[site] = float(summary["test_per_site"].get(site, math.nan))
+        local_dice[site] = float(_site_dice(summary, grid).get(site, math.nan))
     rows.append({"method": LOCAL, "seed": seed, "dice": local_dice, "run_dir": str(out)})
     return rows
 
@@ -159,7 +184,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
     return out
 
 
-def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], grid: str = "plan") -> str:
     """Methods as rows, sites (and the mean over sites) as columns: test Dice mean ± sd over seeds."""
     sites = sorted({s for cells in summary.values() for s in cells if s != "mean"})
     cols = [*sites, "mean"]
@@ -179,13 +204,13 @@ def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
     n = max((c["n"] for cells in summary.values() for c in cells.values()), default=0)
     lines.append("")
     lines.append(
-        f"Test Dice (foreground mean) per site, mean ± sd over {n} seed(s); local-only: each site's "
-        f"model on its own test split."
+        f"Test Dice (foreground mean) per site {GRID_WORDS[grid]}, mean ± sd over {n} seed(s); local-only: "
+        f"each site's model on its own test split."
     )
     return "\n".join(lines)
 
 
-def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -> Path:
+def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, grid: str = "plan") -> Path:
     """Grouped bars: per site (and mean), one bar per method, error bars = sd over seeds."""
     sites = sorted({s for cells in summary.values() for s in cells if s != "mean"}) + ["mean"]
     methods = list(summary)
@@ -197,7 +222,7 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -
         sds = [summary[method].get(s, {}).get("sd", 0.0) for s in sites]
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=3, label=method)
     ax.set_xticks(x, sites)
-    ax.set_ylabel("test Dice")
+    ax.set_ylabel(f"test Dice ({'scan' if grid == 'scan' else 'plan'} grid)")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -210,16 +235,18 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -
 
 
 def compare(federated: Sequence[str | Path], out: str | Path, *, baselines: bool = True, local: bool = True,
-            log=print) -> dict:
+            log=print, grid: str = "plan") -> dict:
     """Build the comparison; see the module docstring. Returns what ``comparison.json`` holds.
 
     Raises:
-        ValueError: no federated run, or runs on different sites.
+        ValueError: no federated run, runs on different sites, an unknown ``grid``, or (``grid="scan"``) a
+            federated run without scan-grid test scores.
     """
+    _check_grid(grid)
     if not federated:
         raise ValueError("give at least one federated run directory (--federated)")
     out = Path(out)
-    feds = [load_federated(Path(d)) for d in federated]
+    feds = [load_federated(Path(d), grid) for d in federated]
     sites = sorted(feds[0]["dice"])
     for fed in feds[1:]:
         if sorted(fed["dice"]) != sites:
@@ -230,16 +257,16 @@ def compare(federated: Sequence[str | Path], out: str | Path, *, baselines: bool
         for fed in feds:  # one set of baselines per seed (the settings of the first run with that seed)
             if fed["seed"] not in seen:
                 seen.add(fed["seed"])
-                rows += train_baselines(fed, sites, out, log=log, local=local)
+                rows += train_baselines(fed, sites, out, log=log, local=local, grid=grid)
     summary = summarise(rows)
-    result = {"sites": sites, "rows": rows, "summary": summary}
+    result = {"sites": sites, "grid": grid, "rows": rows, "summary": summary}
     write_json(result, out / "comparison.json")
-    table = markdown_table(summary)
+    table = markdown_table(summary, grid)
     write_text(
         f"# Federated vs pooled vs local-only\n\n{table}\n\n![comparison](comparison.png)\n",
         out / "comparison.md",
     )
-    plot(summary, out / "comparison.png")
+    plot(summary, out / "comparison.png", grid)
     log(table)
     log(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}")
     return result
@@ -253,9 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-baselines", action="store_true", help="only tabulate the federated runs")
     parser.add_argument("--no-local", action="store_true", help="pooled baseline only (no local-only runs)")
+    parser.add_argument("--grid", choices=GRIDS, default="plan",
+                        help="score on the plan's grid (default) or on each scan's own grid, as medseg-predict "
+                             "delivers it")
     args = parser.parse_args(argv)
     try:
-        compare(args.federated, args.out, baselines=not args.no_baselines, local=not args.no_local)
+        compare(args.federated, args.out, baselines=not args.no_baselines, local=not args.no_local,
+                grid=args.grid)
     except (FileNotFoundError, ValueError) as exc:
         print(f"medseg-compare: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ import json
 import pytest
 from fl_helpers import run_config, run_inprocess
 
+from medseg_core.federation import DICE, ORIGINAL_GRID
 from server.compare import LOCAL, POOLED, compare, main, markdown_table, summarise
 
 
@@ -45,6 +46,35 @@ def test_compare_trains_pooled_and_local_baselines_next_to_the_federated_run(tmp
     assert again["rows"][1]["dice"] == result["rows"][1]["dice"]
     assert (tmp_path / "cmp" / f"{POOLED}-seed0" / "best.pt").stat().st_mtime_ns == stamp
     assert main(["--federated", str(tmp_path / "missing")]) == 1
+
+    # --grid scan: the figures each run scored on the scans' own grids, not the plan-grid ones
+    fed_sites = json.loads((fed / "history.json").read_text())["test"]["sites"]
+    pooled_history = tmp_path / "cmp" / f"{POOLED}-seed0" / "history.json"
+    pooled_summary = json.loads(pooled_history.read_text())["summary"]
+    scan = compare([fed], tmp_path / "cmp", local=False, grid="scan", log=lambda s: None)
+    assert scan["grid"] == "scan"
+    assert scan["rows"][0]["dice"] == {s: m[f"{ORIGINAL_GRID}/{DICE}"] for s, m in fed_sites.items()}
+    assert scan["rows"][1]["dice"] == pooled_summary["test_per_site_original_grid"]
+    assert scan["rows"][0]["dice"] != result["rows"][0]["dice"]
+    assert "on each scan's own grid" in (tmp_path / "cmp" / "comparison.md").read_text()
+    # a baseline finished before scan-grid scoring existed is scored now from its best.pt, not retrained
+    history = json.loads(pooled_history.read_text())
+    for key in ("test_per_site_original_grid", "test_mean_dice_original_grid"):
+        del history["summary"][key]
+    pooled_history.write_text(json.dumps(history))
+    backfilled = compare([fed], tmp_path / "cmp", local=False, grid="scan", log=lambda s: None)
+    for site, value in pooled_summary["test_per_site_original_grid"].items():
+        assert backfilled["rows"][1]["dice"][site] == pytest.approx(value, abs=1e-6)
+    assert json.loads(pooled_history.read_text())["summary"]["test_per_site_original_grid"]
+    assert (tmp_path / "cmp" / f"{POOLED}-seed0" / "best.pt").stat().st_mtime_ns == stamp
+    # a federated run without scan-grid scores is refused with the reason, not compared on the wrong grid
+    fed_history = json.loads((fed / "history.json").read_text())
+    for metrics in fed_history["test"]["sites"].values():
+        metrics.pop(f"{ORIGINAL_GRID}/{DICE}")
+    (fed / "history.json").write_text(json.dumps(fed_history))
+    with pytest.raises(ValueError, match="no test Dice on the scans' own grids"):
+        compare([fed], tmp_path / "cmp", local=False, grid="scan", log=lambda s: None)
+    assert main(["--federated", str(fed), "--out", str(tmp_path / "cmp"), "--no-baselines", "--grid", "scan"]) == 1
 
 
 def test_baselines_match_the_federated_budget_and_model_selection(tmp_path):
