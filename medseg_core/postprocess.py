@@ -4,7 +4,9 @@ nnU-Net decides its post-processing empirically: a step is kept only if it impro
 Dice. Here the step is "remove the connected components of class *c* smaller than *s* mm³", with *s*
 chosen per class from a list of candidates on the validation predictions (0 = keep everything, the
 default unless a larger size is strictly better). Sizes are in mm³, so one choice applies to any voxel
-grid (the plan's during evaluation, the scan's own in ``medseg-predict``).
+grid (the plan's during evaluation, the scan's own in ``medseg-predict``). No size above half the class's
+smallest true structure in the training labels is tried: nine validation patients can otherwise pick a
+size that deletes real small lesions in the next patient.
 
 A removed component takes, voxel by voxel, the label of the nearest voxel of another class, so a
 spurious lesion speck inside the organ becomes organ again rather than a hole (one distance transform
@@ -17,7 +19,7 @@ validation data; scipy's ``ndimage.label`` does the labelling.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,9 @@ from scipy import ndimage
 
 #: component sizes tried per class (mm³); 0 keeps every component
 DEFAULT_CANDIDATES_MM3: tuple[float, ...] = (0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+#: the largest size tried for a class is this fraction of its smallest true structure in the labelled data:
+#: a model under-segments small lesions, so a threshold near their own size deletes real ones
+SAFE_FRACTION_OF_SMALLEST = 0.5
 
 
 def remove_small_components(label_map: np.ndarray, class_value: int, min_size_mm3: float,
@@ -111,6 +116,31 @@ class PostProcessing:
         return cls(parsed, dict((data or {}).get("chosen_on") or {}))
 
 
+def smallest_structures_mm3(label_maps: Iterable[tuple[np.ndarray, Sequence[float]]],
+                            class_values: Mapping[str, int]) -> dict[str, float]:
+    """The volume of the smallest connected component of each class over some ground-truth label maps.
+
+    Components are counted as :func:`remove_small_components` counts them (face connectivity).
+
+    Args:
+        label_maps: ``(label map, spacing_mm)`` pairs, e.g. every labelled training case.
+        class_values: foreground class name -> label value.
+
+    Returns:
+        class name -> smallest component volume in mm³; classes that never occur are left out.
+    """
+    smallest: dict[str, float] = {}
+    for label_map, spacing in label_maps:
+        label_map = np.asarray(label_map)
+        voxel_mm3 = float(np.prod(spacing))
+        for name, value in class_values.items():
+            components, n = ndimage.label(label_map == value)
+            if n:
+                volume = float(np.bincount(components.ravel())[1:].min()) * voxel_mm3
+                smallest[name] = min(volume, smallest.get(name, math.inf))
+    return smallest
+
+
 def _class_dice(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]], name: str, value: int) -> float:
     """Mean Dice of one class over cases, with :mod:`medseg_core.metrics`' empty-mask convention (both
     empty: excluded; one empty: 0). Counted with NumPy here: the choice scores every candidate size on
@@ -126,20 +156,32 @@ def _class_dice(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]],
 
 def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]],
                           class_values: Mapping[str, int],
-                          candidates_mm3: Sequence[float] = DEFAULT_CANDIDATES_MM3) -> PostProcessing:
+                          candidates_mm3: Sequence[float] = DEFAULT_CANDIDATES_MM3,
+                          smallest_true_mm3: Mapping[str, float] | None = None,
+                          safe_fraction: float = SAFE_FRACTION_OF_SMALLEST) -> PostProcessing:
     """For each foreground class, the component size that maximises the class's mean validation Dice.
 
     Classes are chosen one after another (each on the maps already filtered for the previous ones); a
     size other than 0 is kept only if it is strictly better than keeping everything.
 
+    A handful of validation cases can favour a size that removes real structures elsewhere: one false
+    speck of 30 mm³ on a lesion-free patient makes 50 mm³ "best", and a test patient's true 53 mm³ lesion,
+    predicted at 48 mm³, is then deleted. With ``smallest_true_mm3`` (see :func:`smallest_structures_mm3`;
+    the labelled training data) no size above ``safe_fraction`` of the class's smallest true structure is
+    tried.
+
     Args:
         cases: ``(prediction, ground truth, spacing_mm)`` per validation case, label maps on one grid.
         class_values: foreground class name -> label value.
         candidates_mm3: sizes to try (0 is always tried).
+        smallest_true_mm3: class name -> smallest true structure (mm³); classes not listed are not capped.
+        safe_fraction: the largest size tried, as a fraction of the smallest true structure.
 
     Raises:
-        ValueError: no case, or a negative candidate.
+        ValueError: no case, a negative candidate, or a ``safe_fraction`` that is not positive.
     """
+    if not safe_fraction > 0:
+        raise ValueError(f"safe_fraction must be > 0, got {safe_fraction}")
     if not cases:
         raise ValueError("choose_postprocessing needs at least one validation case")
     if any(c < 0 for c in candidates_mm3):
@@ -148,13 +190,16 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
     current = [(np.asarray(p), np.asarray(g), s) for p, g, s in cases]
     chosen: dict[int, float] = {}
     report: dict[str, Any] = {"num_cases": len(current), "candidates_mm3": sizes, "dice": {}}
+    caps = {name: safe_fraction * float(v) for name, v in (smallest_true_mm3 or {}).items()}
+    if caps:
+        report["max_size_mm3"] = caps
     for name, value in class_values.items():
         scores = {}
-        for size in sizes:
+        for size in (z for z in sizes if z <= caps.get(name, math.inf)):
             trial = [(remove_small_components(p, value, size, s), g, s) for p, g, s in current]
             scores[size] = _class_dice(trial, name, value)
         base = scores[0.0]
-        best = max(sizes, key=lambda z: (scores[z] if math.isfinite(scores[z]) else -math.inf, -z))
+        best = max(scores, key=lambda z: (scores[z] if math.isfinite(scores[z]) else -math.inf, -z))
         if best > 0 and math.isfinite(scores[best]) and (not math.isfinite(base) or scores[best] > base):
             chosen[int(value)] = best
             current = [(remove_small_components(p, value, best, s), g, s) for p, g, s in current]

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import nibabel as nib
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from monai.data import DataLoader, Dataset
 from omegaconf import DictConfig, OmegaConf
@@ -42,7 +44,12 @@ from medseg_core.engine import (
 from medseg_core.metrics import aggregate, case_metrics
 from medseg_core.models.pretrained import PretrainedMismatchError, load_pretrained_from_config
 from medseg_core.plots import plot_curves
-from medseg_core.postprocess import PostProcessing, choose_postprocessing
+from medseg_core.postprocess import (
+    SAFE_FRACTION_OF_SMALLEST,
+    PostProcessing,
+    choose_postprocessing,
+    smallest_structures_mm3,
+)
 from medseg_core.runtime import amp_enabled, resolve_device, seed_everything
 from medseg_core.workflow import (
     build_configured_model,
@@ -164,7 +171,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # final: the best model, post-processing chosen on the validation cases, every site's test split
     best_payload = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best_payload["state_dict"])
-    post = _choose_postprocessing(cfg, model, site_loaders, eval_kwargs, labels)
+    post = _choose_postprocessing(cfg, model, site_loaders, eval_kwargs, labels, sites)
     if post is not None:
         history["postprocessing"] = post.as_dict()
         best_payload["postprocessing"] = post.as_dict()  # medseg-predict applies it
@@ -287,21 +294,41 @@ def _test_on_original_grid(cfg: DictConfig, payload: dict, sites: list, device) 
 
 
 def _choose_postprocessing(cfg: DictConfig, model, site_loaders: dict, eval_kwargs: dict,
-                           labels: dict) -> PostProcessing | None:
-    """Per-class small-component removal chosen on the validation cases (``eval.postprocess``), or None."""
+                           labels: dict, sites: list) -> PostProcessing | None:
+    """Per-class small-component removal chosen on the validation cases (``eval.postprocess``), or None; no
+    size above ``eval.postprocess_safe_fraction`` of the class's smallest true structure in the labelled
+    training data is tried (null: no such limit)."""
     if not bool(cfg.eval.get("postprocess", True)):
         return None
+    fraction = cfg.eval.get("postprocess_safe_fraction", SAFE_FRACTION_OF_SMALLEST)
     cases = []
     for ld in site_loaders.values():
         if ld.val:
             cases += evaluate(model, ld.val, **{**eval_kwargs, "hd95": False}, keep_predictions=True)["predictions"]
     if not cases:
         return None
-    post = choose_postprocessing(cases, foreground_classes(labels))
+    post = choose_postprocessing(
+        cases, foreground_classes(labels),
+        **({} if fraction is None else {"smallest_true_mm3": _smallest_true_structures(sites, labels),
+                                        "safe_fraction": float(fraction)}))
     steps = ", ".join(f"{n} {d['min_size_mm3']:g} mm³ (val Dice {d['before']:.3f} -> {d['after']:.3f})"
                       for n, d in post.chosen_on["dice"].items())
-    print(f"post-processing chosen on {len(cases)} validation case(s): remove components below {steps}")
+    caps = ", ".join(f"{n} {v:g} mm³" for n, v in post.chosen_on.get("max_size_mm3", {}).items())
+    print(f"post-processing chosen on {len(cases)} validation case(s): remove components below {steps}"
+          + (f" (largest size tried: {caps}, {fraction:g} x the smallest true structure)" if caps else ""))
     return post
+
+
+def _smallest_true_structures(sites: list, labels: dict) -> dict[str, float]:
+    """Smallest true structure (mm³) of each class over every site's labelled training cases, on their grids."""
+    def label_maps():
+        for site in sites:
+            for case in site.train_cases:
+                img = nib.load(str(case.label_path))
+                data = np.asanyarray(img.dataobj)
+                yield data, img.header.get_zooms()[: data.ndim]
+
+    return smallest_structures_mm3(label_maps(), foreground_classes(labels))
 
 
 def _plot(history: dict[str, Any], path: Path) -> None:

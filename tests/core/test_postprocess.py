@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg_core.postprocess import PostProcessing, choose_postprocessing, remove_small_components
+from medseg_core.postprocess import (
+    SAFE_FRACTION_OF_SMALLEST,
+    PostProcessing,
+    choose_postprocessing,
+    remove_small_components,
+    smallest_structures_mm3,
+)
 
 
 def _organ_with_lesions() -> np.ndarray:
@@ -49,6 +55,43 @@ def test_choice_on_validation_cases_removes_false_positive_specks_only_when_it_h
     assert none.min_size_mm3 == {} and not none.active
     with pytest.raises(ValueError, match="at least one"):
         choose_postprocessing([], {"lesion": 2})
+
+
+def test_smallest_true_structure_per_class_in_mm3():
+    label = _organ_with_lesions()  # organ 16x16x8 minus the lesion; lesion 4x4x4 = 64 voxels
+    second = np.zeros_like(label)
+    second[1:4, 1:4, 1:2] = 2  # a 9-voxel lesion
+    second[10:12, 10:12, 2:4] = 2  # and an 8-voxel one in the same patient
+    found = smallest_structures_mm3([(label, (1.0, 1.0, 2.0)), (second, (0.5, 0.5, 1.0))],
+                                    {"organ": 1, "lesion": 2, "vessel": 3})
+    assert found == {"organ": pytest.approx((16 * 16 * 8 - 64) * 2.0), "lesion": pytest.approx(8 * 0.25)}
+
+
+def test_choice_never_reaches_the_size_of_real_structures():
+    """Seen in a pooled run: a 30 mm³ false speck on one lesion-free validation patient made 50 mm³ the best
+    size, and on a test patient a true 53 mm³ lesion, predicted at 48 mm³, was deleted."""
+    spacing = (1.0, 1.0, 2.0)
+    gt_lesion = _organ_with_lesions()  # its lesion: 64 voxels = 128 mm³
+    gt_clean = np.where(gt_lesion == 2, 1, gt_lesion)
+    pred_clean = gt_clean.copy()
+    pred_clean[12:15, 12:15, 5:7] = 2  # an 18-voxel (36 mm³) false positive on a lesion-free patient
+    cases = [(gt_lesion.copy(), gt_lesion, spacing), (pred_clean, gt_clean, spacing)]
+    free = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50))
+    assert free.min_size_mm3 == {2: 50.0}  # what validation alone asks for
+    # the training labels hold a 60 mm³ lesion: nothing at or above 30 mm³ may be removed
+    capped = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50),
+                                   smallest_true_mm3={"lesion": 60.0})
+    assert SAFE_FRACTION_OF_SMALLEST == 0.5 and capped.chosen_on["max_size_mm3"] == {"lesion": 30.0}
+    assert 2 not in capped.min_size_mm3  # 20 mm³ does not remove the 36 mm³ speck, so nothing is chosen
+    whole = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50),
+                                  smallest_true_mm3={"lesion": 60.0}, safe_fraction=1.0)
+    assert whole.min_size_mm3 == {2: 50.0} and whole.chosen_on["max_size_mm3"] == {"lesion": 60.0}
+    with pytest.raises(ValueError, match="safe_fraction"):
+        choose_postprocessing(cases, {"lesion": 2}, smallest_true_mm3={"lesion": 60.0}, safe_fraction=0)
+    predicted = gt_clean.copy()  # a test patient's true 64 mm³ lesion, under-segmented to 24 voxels = 48 mm³
+    predicted[3:6, 3:7, 2:4] = 2
+    assert not (free(predicted, spacing) == 2).any()  # deleted by the validation-only choice
+    assert np.array_equal(capped(predicted, spacing), predicted)
 
 
 def test_round_trip_through_a_checkpoint_dict():

@@ -13,6 +13,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 TINY_UNET = ["model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1"]
 
@@ -32,7 +33,7 @@ def trained(synth_fed, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_writes_every_artefact(trained):
+def test_train_writes_every_artefact(trained, synth_fed):
     run_dir, out = trained
     for name in ("resolved_config.yaml", "plan.json", "fingerprints.json", "history.json", "curves.png",
                  "best.pt", "last.pt", "test_metrics.json"):
@@ -43,6 +44,20 @@ def test_train_writes_every_artefact(trained):
     test = json.loads((run_dir / "test_metrics.json").read_text())
     assert set(test["sites"]) == {"site_00", "site_01"}
     assert "test mean foreground Dice" in out
+    # post-processing never tried sizes of half the smallest true structure in the training labels or more
+    smallest = {}
+    for path in sorted(synth_fed.glob("site_*/labelsTr/*.nii.gz")):
+        img = nib.load(path)
+        data, voxel_mm3 = np.asanyarray(img.dataobj), float(np.prod(img.header.get_zooms()[:3]))
+        for name, value in (("organ", 1), ("lesion", 2)):
+            components, n = ndimage.label(data == value)
+            if n:
+                size = np.bincount(components.ravel())[1:].min() * voxel_mm3
+                smallest[name] = min(size, smallest.get(name, np.inf))
+    caps = history["postprocessing"]["chosen_on"]["max_size_mm3"]
+    assert caps == pytest.approx({name: 0.5 * v for name, v in smallest.items()})
+    for value, size in history["postprocessing"]["min_size_mm3"].items():
+        assert size <= caps[{"1": "organ", "2": "lesion"}[value]]
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
