@@ -4,7 +4,7 @@ nnU-Net decides its post-processing empirically: a step is kept only if it impro
 Dice. Here the step is "remove the connected components of class *c* smaller than *s* mm³", with *s*
 chosen per class from a list of candidates on the validation predictions (0 = keep everything, the
 default unless a larger size is strictly better). Sizes are in mm³, so one choice applies to any voxel
-grid (the plan's during evaluation, the scan's own in ``medseg-predict``). No size above half the class's
+grid (the plan's during evaluation, the scan's own in ``medseg-predict``). No size above the class's
 smallest true structure in the training labels is tried: nine validation patients can otherwise pick a
 size that deletes real small lesions in the next patient.
 
@@ -28,9 +28,10 @@ from scipy import ndimage
 
 #: component sizes tried per class (mm³); 0 keeps every component
 DEFAULT_CANDIDATES_MM3: tuple[float, ...] = (0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
-#: the largest size tried for a class is this fraction of its smallest true structure in the labelled data:
-#: a model under-segments small lesions, so a threshold near their own size deletes real ones
-SAFE_FRACTION_OF_SMALLEST = 0.5
+#: the largest size tried for a class, as a fraction of its smallest true structure in the labelled data: a
+#: size above the smallest real lesion deletes real lesions of that size (0.5 leaves a margin for
+#: under-segmentation; on the synthetic federation it also keeps every false speck, see docs/benchmarks.md)
+SAFE_FRACTION_OF_SMALLEST = 1.0
 
 
 def remove_small_components(label_map: np.ndarray, class_value: int, min_size_mm3: float,

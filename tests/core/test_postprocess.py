@@ -78,14 +78,14 @@ def test_choice_never_reaches_the_size_of_real_structures():
     cases = [(gt_lesion.copy(), gt_lesion, spacing), (pred_clean, gt_clean, spacing)]
     free = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50))
     assert free.min_size_mm3 == {2: 50.0}  # what validation alone asks for
-    # the training labels hold a 60 mm³ lesion: nothing at or above 30 mm³ may be removed
+    # the training labels hold a 40 mm³ lesion: no size above 40 mm³ is tried
     capped = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50),
-                                   smallest_true_mm3={"lesion": 60.0})
-    assert SAFE_FRACTION_OF_SMALLEST == 0.5 and capped.chosen_on["max_size_mm3"] == {"lesion": 30.0}
+                                   smallest_true_mm3={"lesion": 40.0})
+    assert SAFE_FRACTION_OF_SMALLEST == 1.0 and capped.chosen_on["max_size_mm3"] == {"lesion": 40.0}
     assert 2 not in capped.min_size_mm3  # 20 mm³ does not remove the 36 mm³ speck, so nothing is chosen
-    whole = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50),
-                                  smallest_true_mm3={"lesion": 60.0}, safe_fraction=1.0)
-    assert whole.min_size_mm3 == {2: 50.0} and whole.chosen_on["max_size_mm3"] == {"lesion": 60.0}
+    wide = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50),
+                                 smallest_true_mm3={"lesion": 40.0}, safe_fraction=1.5)
+    assert wide.min_size_mm3 == {2: 50.0} and wide.chosen_on["max_size_mm3"] == {"lesion": 60.0}
     with pytest.raises(ValueError, match="safe_fraction"):
         choose_postprocessing(cases, {"lesion": 2}, smallest_true_mm3={"lesion": 60.0}, safe_fraction=0)
     predicted = gt_clean.copy()  # a test patient's true 64 mm³ lesion, under-segmented to 24 voxels = 48 mm³
