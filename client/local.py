@@ -49,7 +49,6 @@ from medseg_core.federation import (
     KEY_LR,
     NUM_EXAMPLES,
     NUM_STEPS,
-    ORIGINAL_GRID,
     SPLIT_TEST,
     SPLIT_VAL,
     TRAIN_LOSS,
@@ -61,7 +60,7 @@ from medseg_core.federation import (
     state_to_numpy,
 )
 from medseg_core.metrics import flat_summary
-from medseg_core.predict import score_on_original_grid
+from medseg_core.predict import original_grid_metrics
 from medseg_core.runtime import amp_enabled, resolve_device
 from medseg_core.workflow import build_configured_model, foreground_classes, model_config, roi_size
 
@@ -431,12 +430,10 @@ def evaluate_round(
     if split == SPLIT_TEST and bool(ev.get("original_grid", True)):
         start = time.perf_counter()
         # the site's copy of the model, as medseg-predict would apply it, on each scan's own grid
-        original = score_on_original_grid(
+        metrics.update(original_grid_metrics(
             state.model_path, data.site.test_cases,
             modalities=data.site.channel_names, device=str(device),
             sw_batch_size=int(ev.sw_batch_size), nsd_tolerance_mm=float(ev.nsd_tolerance_mm), hd95=bool(ev.hd95),
-        )
-        if original["num_cases"]:
-            metrics.update({f"{ORIGINAL_GRID}/{k}": v for k, v in flat_summary(original["aggregate"]).items()})
+        ))
         metrics[EVAL_SECONDS] += time.perf_counter() - start
     return metrics

@@ -314,6 +314,19 @@ def score_on_original_grid(checkpoint: str | Path | Mapping[str, Any], cases: Se
             "num_cases": len(scored)}
 
 
+def original_grid_metrics(checkpoint: str | Path | Mapping[str, Any], cases: Sequence[Any],
+                          **kwargs: Any) -> dict[str, float]:
+    """:func:`score_on_original_grid`'s aggregate as flat metrics under ``original-grid/`` (what a federated
+    site reports with its final test); empty when no case is labelled. ``kwargs`` go to that function."""
+    from medseg_core.federation import ORIGINAL_GRID
+    from medseg_core.metrics import flat_summary
+
+    original = score_on_original_grid(checkpoint, cases, **kwargs)
+    if not original["num_cases"]:
+        return {}
+    return {f"{ORIGINAL_GRID}/{k}": v for k, v in flat_summary(original["aggregate"]).items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medseg-predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint written by medseg-train or the server")
