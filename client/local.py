@@ -417,7 +417,7 @@ def evaluate_round(
         roi_size=roi_size(plan, spatial_dims),
         class_values=foreground_classes(data.site.labels),
         sw_batch_size=int(ev.sw_batch_size),
-        overlap=float(ev.overlap),
+        overlap=float(ev.get("test_overlap", ev.overlap) if split == SPLIT_TEST else ev.overlap),
         mode=str(ev.mode),
         amp=amp_enabled(cfg.train.amp, device),
         nsd_tolerance_mm=float(ev.nsd_tolerance_mm),

@@ -171,7 +171,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # final: the best model, post-processing chosen on the validation cases, every site's test split
     best_payload = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best_payload["state_dict"])
-    post = _choose_postprocessing(cfg, model, site_loaders, eval_kwargs, labels, sites)
+    # the test, and the post-processing choice applied to it, use medseg-predict's overlap (eval.test_overlap)
+    test_kwargs = {**eval_kwargs, "overlap": float(cfg.eval.get("test_overlap", cfg.eval.overlap))}
+    post = _choose_postprocessing(cfg, model, site_loaders, test_kwargs, labels, sites)
     if post is not None:
         history["postprocessing"] = post.as_dict()
         best_payload["postprocessing"] = post.as_dict()  # medseg-predict applies it
@@ -182,7 +184,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             continue
         tf = build_transforms(plan, train=False, modalities=s.channel_names, spatial_dims=3)
         loader = DataLoader(Dataset([c.as_dict() for c in s.test_cases], tf), batch_size=1)
-        result = evaluate(model, loader, **eval_kwargs, keep_predictions=post is not None and post.active)
+        result = evaluate(model, loader, **test_kwargs, keep_predictions=post is not None and post.active)
         test_raw[s.name] = result
         if post is not None and post.active:  # score the same predictions after post-processing
             cases = [{"case_id": c["case_id"], "metrics": case_metrics(
@@ -203,7 +205,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "test_mean_dice_without_postprocessing": (
             float(pooled_raw.get("mean", {}).get("dice", math.nan)) if pooled_raw else math.nan),
         "postprocessing": post.as_dict()["min_size_mm3"] if post is not None else {},
-        "train_seconds": history["train_seconds"],
+        "train_seconds": history["train_seconds"], "test_overlap": test_kwargs["overlap"],
     }
     original_block = _original_grid_block(original)
     summary.update(_original_grid_summary(original_block))

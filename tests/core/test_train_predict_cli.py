@@ -119,6 +119,40 @@ def test_original_grid_test_scores_are_what_predict_delivers(trained, synth_fed,
 
 
 @pytest.mark.slow
+def test_test_split_is_scored_with_the_test_overlap_not_the_validation_one(synth_fed, tmp_path):
+    """Validation passes use ``eval.overlap`` (cheap); the test (and the post-processing choice) use
+    ``eval.test_overlap``, medseg-predict's. Windows smaller than the volumes, so the overlap matters."""
+    import torch
+    from monai.data import DataLoader, Dataset
+
+    from medseg_core.checkpoint import load_checkpoint, model_from_checkpoint
+    from medseg_core.data.transforms import build_transforms
+    from medseg_core.engine import evaluate
+    from medseg_core.workflow import foreground_classes, roi_size, validated_sites
+
+    run_dir = tmp_path / "run"
+    proc = _run([sys.executable, "-m", "medseg_core.train_cli", f"data.root={synth_fed}", f"paths.run_dir={run_dir}",
+                 "train.epochs=1", "train.progress=false", "eval.hd95=false", "eval.original_grid=false",
+                 "eval.postprocess=false", "eval.overlap=0.25", "eval.test_overlap=0.75",
+                 "data.planning.max_patch_voxels=4096", *TINY_UNET, f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert test["summary"]["test_overlap"] == 0.75
+    payload = load_checkpoint(run_dir / "best.pt")
+    model = model_from_checkpoint(payload).eval()
+    site = validated_sites(synth_fed, ["site_00"], log=lambda *_: None)[0]
+    loader = DataLoader(Dataset([c.as_dict() for c in site.test_cases], build_transforms(
+        payload["plan"], train=False, modalities=site.channel_names, spatial_dims=3)), batch_size=1)
+    assert max(roi_size(payload["plan"], 3)) < 32  # several windows per volume
+    dice = {ov: [c["metrics"]["organ"]["dice"] for c in evaluate(
+        model, loader, device=torch.device("cpu"), roi_size=roi_size(payload["plan"], 3),
+        class_values=foreground_classes(site.labels), overlap=ov, hd95=False)["cases"]] for ov in (0.25, 0.75)}
+    recorded = [c["metrics"]["organ"]["dice"] for c in test["sites"]["site_00"]["cases"]]
+    assert recorded == pytest.approx(dice[0.75], abs=1e-6)
+    assert dice[0.75] != pytest.approx(dice[0.25], abs=1e-6)  # else this test could not tell them apart
+
+
+@pytest.mark.slow
 def test_predict_reports_a_corrupt_file_and_still_predicts_the_others(trained, synth_fed, tmp_path):
     run_dir, _ = trained
     folder = tmp_path / "in"
