@@ -169,7 +169,7 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
     speck of 30 mm³ on a lesion-free patient makes 50 mm³ "best", and a test patient's true 53 mm³ lesion,
     predicted at 48 mm³, is then deleted. With ``smallest_true_mm3`` (see :func:`smallest_structures_mm3`;
     the labelled training data) no size above ``safe_fraction`` of the class's smallest true structure is
-    tried.
+    tried, and that limit itself is (the largest size that keeps a structure as large as a real one).
 
     Args:
         cases: ``(prediction, ground truth, spacing_mm)`` per validation case, label maps on one grid.
@@ -196,7 +196,9 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
         report["max_size_mm3"] = caps
     for name, value in class_values.items():
         scores = {}
-        for size in (z for z in sizes if z <= caps.get(name, math.inf)):
+        cap = caps.get(name, math.inf)
+        # below the cap, and the cap itself: the largest size that keeps every structure as large as a real one
+        for size in sorted({z for z in sizes if z <= cap} | ({cap} if 0 < cap < math.inf else set())):
             trial = [(remove_small_components(p, value, size, s), g, s) for p, g, s in current]
             scores[size] = _class_dice(trial, name, value)
         base = scores[0.0]

@@ -78,11 +78,11 @@ def test_choice_never_reaches_the_size_of_real_structures():
     cases = [(gt_lesion.copy(), gt_lesion, spacing), (pred_clean, gt_clean, spacing)]
     free = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50))
     assert free.min_size_mm3 == {2: 50.0}  # what validation alone asks for
-    # the training labels hold a 40 mm³ lesion: no size above 40 mm³ is tried
+    # the training labels hold a 40 mm³ lesion: no size above 40 mm³ is tried, and 40 mm³ itself is
     capped = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50),
                                    smallest_true_mm3={"lesion": 40.0})
     assert SAFE_FRACTION_OF_SMALLEST == 1.0 and capped.chosen_on["max_size_mm3"] == {"lesion": 40.0}
-    assert 2 not in capped.min_size_mm3  # 20 mm³ does not remove the 36 mm³ speck, so nothing is chosen
+    assert capped.min_size_mm3 == {2: 40.0}  # removes the 36 mm³ speck (20 mm³ would not)
     wide = choose_postprocessing(cases, {"organ": 1, "lesion": 2}, candidates_mm3=(0, 20, 50),
                                  smallest_true_mm3={"lesion": 40.0}, safe_fraction=1.5)
     assert wide.min_size_mm3 == {2: 50.0} and wide.chosen_on["max_size_mm3"] == {"lesion": 60.0}
