@@ -287,3 +287,32 @@ def test_a_site_missing_at_the_start_stops_round_zero(cache, tmp_path):
     grid.disconnected.add(grid.node_ids[1])
     with pytest.raises(FederationStopped, match="only 1 site"):
         FederatedRun(grid, load_config(rc), say=lambda s: None).run()
+
+
+def test_the_final_test_is_scored_with_the_test_overlap(cache, tmp_path):
+    """The final test uses ``eval.test_overlap`` (medseg-predict's), not the validation passes' ``eval.overlap``.
+    Windows smaller than the volumes, so the overlap changes the figures."""
+    from monai.data import DataLoader, Dataset
+
+    from medseg_core.data.transforms import build_transforms
+    from medseg_core.engine import evaluate
+    from medseg_core.workflow import foreground_classes, roi_size
+
+    run_dir = tmp_path / "overlap"
+    history = run_inprocess(run_config(cache, run_dir, "fl.num_rounds=1 eval.overlap=0.25 eval.test_overlap=0.75 "
+                                                       "eval.original_grid=false data.planning.max_patch_voxels=4096"))
+    differs = False
+    for site in ("site_00", "site_01"):
+        payload = load_checkpoint(cache / "site-state" / site / run_name_for(run_dir) / SITE_MODEL)
+        plan = payload["plan"]
+        assert max(roi_size(plan, 3)) < 32  # several windows per volume
+        data = load_site(_site_dir(cache, site))
+        loader = DataLoader(Dataset([c.as_dict() for c in data.test_cases], build_transforms(
+            plan, train=False, modalities=data.channel_names, spatial_dims=3)), batch_size=1)
+        model = model_from_checkpoint(payload).eval()
+        dice = {ov: evaluate(model, loader, device=torch.device("cpu"), roi_size=roi_size(plan, 3),
+                             class_values=foreground_classes(data.labels), overlap=ov, hd95=False)["mean_dice"]
+                for ov in (0.25, 0.75)}
+        assert history["test"]["sites"][site][DICE] == pytest.approx(dice[0.75], abs=1e-6)
+        differs |= abs(dice[0.75] - dice[0.25]) > 1e-6
+    assert differs  # else this test could not tell the two overlaps apart
