@@ -36,12 +36,12 @@ from client.site import SiteState
 from medseg_core.checkpoint import write_json
 from medseg_core.config import load_config
 from medseg_core.data.source import ensure_data_root
-from medseg_core.federation import DICE, ORIGINAL_GRID
 from medseg_core.predict import original_grid_metrics
 from medseg_core.workflow import validated_sites
-from server.compare import POOLED, compare, markdown_table
+from server.compare import GRIDS, POOLED, compare, markdown_table
 from server.inprocess import InProcessGrid
 from server.loop import FederatedRun
+from server.report import ORIGINAL_DICE
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Federated vs pooled"
@@ -83,7 +83,7 @@ def score_on_scan_grids(run_dir: Path) -> None:
     ``test_metrics.json`` (marked ``original_grid_scored_later``). Runs that have it are left alone."""
     history = json.loads((run_dir / "history.json").read_text())
     test = history["test"]
-    if all(f"{ORIGINAL_GRID}/{DICE}" in m for m in test["sites"].values()):
+    if all(ORIGINAL_DICE in m for m in test["sites"].values()):
         return
     cfg = OmegaConf.load(run_dir / "resolved_config.yaml")
     sites = {s.name: s for s in validated_sites(ensure_data_root(cfg.data, progress=False), cfg.data.sites,
@@ -97,7 +97,7 @@ def score_on_scan_grids(run_dir: Path) -> None:
     test["original_grid_scored_later"] = True
     write_json(history, run_dir / "history.json")
     write_json(test, run_dir / "test_metrics.json")
-    dice = {n: round(m[f"{ORIGINAL_GRID}/{DICE}"], 3) for n, m in test["sites"].items()}
+    dice = {n: round(m[ORIGINAL_DICE], 3) for n, m in test["sites"].items()}
     print(f"{run_dir.name}: scored on the scans' own grids after the run: {dice}", flush=True)
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-local", action="store_true", help="pooled baseline only (no local-only runs)")
     parser.add_argument("--set", dest="extra", default="",
                         help="more overrides for the federated runs, e.g. 'fl.keep_optimizer_state=false'")
-    parser.add_argument("--grid", choices=["plan", "scan"], default="plan",
+    parser.add_argument("--grid", choices=GRIDS, default="plan",
                         help="test Dice on the plan's grid or on each scan's own grid (medseg-compare --grid); "
                              "runs that predate scan-grid scoring are scored from their sites' model_best.pt")
     parser.add_argument("--write-docs", action="store_true")

@@ -35,7 +35,8 @@ from omegaconf import OmegaConf
 
 from medseg_core.checkpoint import write_json, write_text
 from medseg_core.config import compose_config
-from medseg_core.federation import DICE, ORIGINAL_GRID
+from medseg_core.federation import DICE
+from server.report import ORIGINAL_DICE
 from server.run_files import RunFiles
 
 matplotlib.use("Agg")
@@ -62,7 +63,7 @@ def load_federated(run_dir: Path, grid: str = "plan") -> dict[str, Any]:
         FileNotFoundError: no ``history.json`` / ``resolved_config.yaml``.
         ValueError: the run has no final test evaluation, or (``grid="scan"``) none on the scans' grids.
     """
-    key = DICE if _check_grid(grid) == "plan" else f"{ORIGINAL_GRID}/{DICE}"
+    key = DICE if _check_grid(grid) == "plan" else ORIGINAL_DICE
     files = RunFiles(Path(run_dir))
     for path in (files.history, files.resolved_config):
         if not path.is_file():
@@ -73,7 +74,7 @@ def load_federated(run_dir: Path, grid: str = "plan") -> dict[str, Any]:
     if not sites:
         raise ValueError(f"{run_dir}: no test evaluation in history.json (status {history.get('status')!r})")
     missing = sorted(s for s, m in sites.items() if key not in m)
-    if missing:
+    if grid == "scan" and missing:
         raise ValueError(f"{run_dir}: sites {missing} have no test Dice on the scans' own grids in history.json "
                          "(the run predates that scoring or set eval.original_grid=false); use --grid plan")
     return {
@@ -222,7 +223,7 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, g
         sds = [summary[method].get(s, {}).get("sd", 0.0) for s in sites]
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=3, label=method)
     ax.set_xticks(x, sites)
-    ax.set_ylabel(f"test Dice ({'scan' if grid == 'scan' else 'plan'} grid)")
+    ax.set_ylabel(f"test Dice ({grid} grid)")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
