@@ -69,12 +69,12 @@ def test_a_case_splits_every_step_and_ours_fp32_follows_the_plain_loop(bench):
 
 
 def test_two_x_budget_reads_the_table(bench):
-    res = {"rows": [
+    res = {"gflop_per_step": 10.0, "conv_peak_gflops": 50.0, "rows": [
         {"variant": "plain MONAI loop", "s_per_step": 1.0, "speedup_vs_plain": 1.0, "conv_s": 0.6, "other_s": 0.4},
         {"variant": "ours a", "s_per_step": 0.8, "speedup_vs_plain": 1.25, "conv_s": 0.45, "other_s": 0.35},
         {"variant": "ours b", "s_per_step": 0.7, "speedup_vs_plain": 1 / 0.7, "conv_s": 0.4, "other_s": 0.3},
     ]}
     line = bench.two_x_budget(res)
     assert "≤ 0.500 s" in line and "(ours b, 1.43×)" in line
-    assert "0.400 s in convolutions alone (80% of that budget)" in line
+    assert "0.400 s in convolutions alone (80% of that budget; they run at 25 GFLOP/s, 0.50 of the" in line
     assert "leaves 0.100 s" in line and "takes 0.300 s now" in line
