@@ -5,7 +5,6 @@ The bench itself (real Flower simulations) takes minutes; these check the parts 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -15,13 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from bench_helpers import load_bench
 from omegaconf import OmegaConf
 
-_spec = importlib.util.spec_from_file_location(
-    "federation_overhead", Path(__file__).resolve().parents[1] / "bench" / "federation_overhead.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_bench("federation_overhead")
 
 # a child that starts a grandchild (64 MB touched, ~0.3 s of CPU) in its own session and exits: the
 # grandchild is re-parented, as the SuperLink that `flwr run` leaves behind is
