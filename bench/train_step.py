@@ -7,8 +7,10 @@
 Variants are timed *interleaved* in one process (round-robin, several rounds, median per variant), so
 machine noise hits every variant alike. For each: seconds per step, ratio vs the plain loop, achieved
 GFLOP/s (FLOPs counted with ``torch.utils.flop_counter`` for forward + backward) against the machine's
-measured dense conv peak, and the loss after the same few steps from the same initial weights
-(accuracy check: bf16 must not change the training trajectory materially).
+measured dense conv peak, where the step goes (convolution operators vs everything else, by
+``torch.profiler``, with what 2x the plain loop would leave for the rest), and the loss after the same few
+steps from the same initial weights (accuracy check: bf16 must not change the training trajectory
+materially).
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ def convolution_share(step, steps: int = 2) -> float:
 
     Measured with ``torch.profiler`` as the self time of ATen's convolution ops (oneDNN's kernels on this
     CPU, plus their layout reorders) over the self time of every op, so compiled graphs (the fused norm,
-    activation and loss code) count as "everything else". A share, not seconds: the profiler slows every op
-    a little, and the bench's own timing is the reference.
+    activation and addition code) count as "everything else", as do the loss and the optimiser. A share, not
+    seconds: the profiler slows every op a little, and the bench's own timing is the reference.
     """
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -209,8 +211,7 @@ def markdown(results: list[dict], command: str) -> str:
 
 def two_x_budget(res: dict) -> str:
     """What 2x the plain loop would need, against where the fastest variant's step goes."""
-    rows = {r["variant"]: r for r in res["rows"]}
-    budget = rows["plain MONAI loop"]["s_per_step"] / 2
+    budget = next(r for r in res["rows"] if r["variant"] == "plain MONAI loop")["s_per_step"] / 2
     ours = [r for r in res["rows"] if r["variant"] != "plain MONAI loop"]
     if not ours:
         return f"2× the plain loop is ≤ {budget:.3f} s a step."
