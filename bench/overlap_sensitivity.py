@@ -31,14 +31,15 @@ from medseg_core.workflow import foreground_classes, roi_size, validated_sites
 from server.compare import POOLED, markdown_table, summarise
 
 
-def site_dice(payload: dict, site, overlap: float) -> float:
-    """Foreground-mean test Dice of one site's test patients, plan grid, raw predictions."""
+def site_dice(payload: dict, site, overlaps: list[float]) -> dict[float, float]:
+    """Foreground-mean test Dice of one site's test patients at each overlap, plan grid, raw predictions."""
     plan = payload["plan"]
     model = model_from_checkpoint(payload).eval()
     tf = build_transforms(plan, train=False, modalities=site.channel_names, spatial_dims=3)
     loader = DataLoader(Dataset([c.as_dict() for c in site.test_cases], tf), batch_size=1)
-    return evaluate(model, loader, device=torch.device("cpu"), roi_size=roi_size(plan, 3),
-                    class_values=foreground_classes(site.labels), overlap=overlap, hd95=False)["mean_dice"]
+    return {ov: evaluate(model, loader, device=torch.device("cpu"), roi_size=roi_size(plan, 3),
+                         class_values=foreground_classes(site.labels), overlap=ov, hd95=False)["mean_dice"]
+            for ov in overlaps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_name = json.loads((run / "history.json").read_text())["run_name"]
                     state_root = Path(str(OmegaConf.load(run / "resolved_config.yaml").fl.state_dir)) / site.name
                     payload = load_checkpoint(SiteState(state_root, run_name).model_path)
-                for ov in args.overlaps:
-                    dice[ov][site.name] = site_dice(payload, site, ov)
+                for ov, value in site_dice(payload, site, args.overlaps).items():
+                    dice[ov][site.name] = value
             for ov in args.overlaps:
                 rows[ov].append({"method": method, "seed": seed, "dice": dice[ov]})
             print(f"{method} seed {seed}: " + "; ".join(
